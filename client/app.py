@@ -1,0 +1,77 @@
+"""The Flower ClientApp: one client's local LoRA training and held-out evaluation on its private data."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.client import Client, ClientApp, NumPyClient
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
+from fedlm.data import ClientData, client_data_path
+from fedlm.model import apply_lora, load_base_model
+from fedlm.settings import LoraSettings, ModelSettings, RunSettings, settings_from_run_config
+from fedlm.training import evaluate, perplexity, train_local
+
+
+@functools.lru_cache(maxsize=1)
+def worker_model(model: ModelSettings, lora: LoraSettings, seed: int, cache_dir: str
+                 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Base model + adapter, loaded once per worker process and reused by every round and client it serves."""
+    base, tokenizer = load_base_model(model, Path(cache_dir) if cache_dir else None)
+    return apply_lora(base, lora, seed), tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def simulation_data(output_dir: str, partition_id: int) -> ClientData:
+    """A virtual client's prepared partition (written by the launcher before the run starts)."""
+    return ClientData.load(client_data_path(Path(output_dir) / "data", partition_id))
+
+
+class LoraClient(NumPyClient):
+    """Trains the shared adapter on local data; only adapter tensors and counts ever leave."""
+
+    def __init__(self, settings: RunSettings, partition_id: int) -> None:
+        self.settings = settings
+        self.partition_id = partition_id
+        torch.set_num_threads(settings.federation.cpus_per_client)
+        self.model, _ = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir)
+        self.data = simulation_data(settings.output_dir, partition_id)
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return adapter_to_arrays(self.model)
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        arrays_to_adapter(self.model, parameters)
+        server_round = int(config.get("round", 0))
+        # A distinct, reproducible stream per (run seed, round, client).
+        seed = self.settings.seed * 1_000_003 + server_round * 1_009 + self.partition_id
+        result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed)
+        metrics = {"train_loss": result.loss, "train_seconds": result.seconds,
+                   "train_tokens": result.tokens, "client": self.partition_id}
+        return adapter_to_arrays(self.model), len(self.data.train), metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        arrays_to_adapter(self.model, parameters)
+        limit = self.settings.train.max_eval_sequences
+        loss, tokens = evaluate(self.model, self.data.eval[:limit], self.data.eval_mask[:limit])
+        return loss, tokens, {"perplexity": perplexity(loss), "client": self.partition_id}
+
+
+def build_client_app(settings: RunSettings | None = None) -> ClientApp:
+    """A ClientApp for `settings`, or (for `flwr run`) for the settings in the run config."""
+
+    def client_fn(context: Context) -> Client:
+        run_settings = settings or settings_from_run_config(context.run_config)
+        partition_id = int(context.node_config.get("partition-id", 0))
+        return LoraClient(run_settings, partition_id).to_client()
+
+    return ClientApp(client_fn=client_fn)
+
+
+app = build_client_app()

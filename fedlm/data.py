@@ -1,0 +1,450 @@
+"""The data pipeline: load a corpus, split it among clients, and pack each client's text into token rows."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import sys
+import sysconfig
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+from fedlm.settings import ConfigError, DatasetSettings, RunSettings
+
+OWN_PACKAGES = frozenset({"fedlm", "server", "client", "strategies", "simulations", "tests"})
+MIN_PACKAGE_CHARS = 60_000
+"""A package needs this much Python to fill a train and an eval split."""
+MIN_LAST_ROW = 8
+"""A final, partial row is kept (padded) only if it holds at least this many real tokens."""
+FORMAT_VERSION = 1
+"""Bump when the prepared files' layout changes, so old preparations are rebuilt, not reused."""
+
+
+# ---------------------------------------------------------------- reading sources
+
+def _existing(path: Path | str, key: str) -> Path:
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ConfigError(f"{key}={str(path)!r} does not exist; point it at a folder of UTF-8 .txt files "
+                          "or a .jsonl file")
+    return resolved
+
+
+def _read_utf8(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "re-save it as UTF-8 or remove it") from None
+
+
+def _package_roots() -> dict[str, Path]:
+    """Top-level third-party packages and modules in this interpreter's site-packages: name -> path."""
+    paths = sysconfig.get_paths()
+    found: dict[str, Path] = {}
+    for root in dict.fromkeys((paths["purelib"], paths["platlib"])):
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.listdir(root)):
+            path = os.path.join(root, entry)
+            is_module = entry.endswith(".py") and os.path.isfile(path)
+            name = entry[:-3] if is_module else entry
+            # The stdlib is the base model's pretraining corpus, and our own code is not client data.
+            if ((is_module or os.path.isdir(path)) and name.isidentifier() and not name.startswith("__")
+                    and name not in sys.stdlib_module_names and name not in OWN_PACKAGES):
+                found.setdefault(name, Path(path))
+    return found
+
+
+def _py_files(path: Path) -> Iterator[Path]:
+    """A package's .py files in a deterministic (sorted) walk order."""
+    if path.is_file():
+        yield path
+        return
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        yield from (Path(folder, f) for f in sorted(files) if f.endswith(".py"))
+
+
+def _has_chars(path: Path, need: int) -> bool:
+    total = 0
+    for file in _py_files(path):  # sizes only, and stop early: scanning all of site-packages stays fast
+        total += os.path.getsize(file)
+        if total >= need:
+            return True
+    return False
+
+
+def _read_packages(num_sources: int, seed: int, cap: int) -> tuple[list[str], list[str]]:
+    roots = _package_roots()
+    eligible = sorted(name for name, path in roots.items() if _has_chars(path, MIN_PACKAGE_CHARS))
+    if len(eligible) < num_sources:
+        raise ConfigError(
+            f"federation.num_clients={num_sources} needs as many installed third-party packages with "
+            f">= {MIN_PACKAGE_CHARS} characters of Python, but only {len(eligible)} are available; "
+            f"set federation.num_clients<={len(eligible)} or use your own data via dataset.path")
+    texts, sources = [], []
+    for name in sorted(random.Random(seed).sample(eligible, num_sources)):
+        total = 0
+        for file in _py_files(roots[name]):
+            if total >= cap:
+                break
+            text = file.read_text(encoding="utf-8", errors="replace")[: cap - total]
+            total += len(text)
+            texts.append(text)
+            sources.append(name)
+    return texts, sources
+
+
+def _read_text_folder(folder: Path, key: str) -> tuple[list[str], list[str]]:
+    files = sorted(p for p in folder.rglob("*.txt") if p.is_file())
+    if not files:
+        raise ConfigError(f"{key}={str(folder)!r} has no .txt files; add UTF-8 .txt files (one document "
+                          "each, optionally in one subfolder per source) or point it at a .jsonl file")
+    texts = [_read_utf8(file) for file in files]
+    rels = [file.relative_to(folder) for file in files]
+    return texts, [rel.parts[0] if len(rel.parts) > 1 else rel.stem for rel in rels]
+
+
+def _record_text(record: dict[str, Any], settings: DatasetSettings, where: str) -> str:
+    if settings.text_field in record:
+        value = record[settings.text_field]
+        return "" if value is None else str(value)
+    if settings.prompt_field in record and settings.response_field in record:
+        try:
+            return settings.template.format(prompt=record[settings.prompt_field],
+                                            response=record[settings.response_field])
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"dataset.template={settings.template!r} cannot be filled ({err!r}); it may "
+                              "only use {prompt} and {response} (write literal braces as {{ }})") from None
+    raise ConfigError(
+        f"{where} has neither a {settings.text_field!r} field nor both {settings.prompt_field!r} and "
+        f"{settings.response_field!r} (it has {sorted(record)}); set dataset.text_field, or "
+        "dataset.prompt_field and dataset.response_field, to your field names")
+
+
+def _read_jsonl(file: Path, settings: DatasetSettings) -> tuple[list[str], list[str], bool]:
+    """Texts, sources and whether any record had the `partition_by` field."""
+    texts, sources, has_field = [], [], False
+    for lineno, line in enumerate(_read_utf8(file).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{file}, line {lineno}: invalid JSON ({err.msg}); "
+                              "each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{file}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+        texts.append(_record_text(record, settings, f"{file}, line {lineno}"))
+        origin = record.get(settings.partition_by)
+        has_field |= origin is not None
+        sources.append(str(lineno) if origin is None else str(origin))  # else each record is its own origin
+    return texts, sources, has_field
+
+
+def _read_hub(settings: DatasetSettings) -> tuple[list[str], list[str], bool]:
+    try:
+        table = datasets.load_dataset(settings.hf_name, split=settings.hf_split)
+    except Exception as err:  # network, auth, missing split, script errors: all mean "cannot load"
+        raise ConfigError(f"dataset.hf_name={settings.hf_name!r} (split {settings.hf_split!r}) could not be "
+                          f"loaded: {type(err).__name__}: {err}; check the id, the split, your network and "
+                          "hub login, or use local data via dataset.path") from err
+    columns = table.column_names
+    if settings.text_field in columns:
+        texts = ["" if t is None else str(t) for t in table[settings.text_field]]
+    elif settings.prompt_field in columns and settings.response_field in columns:
+        texts = [_record_text({settings.prompt_field: p, settings.response_field: r}, settings, "")
+                 for p, r in zip(table[settings.prompt_field], table[settings.response_field])]
+    else:
+        raise ConfigError(f"dataset.hf_name={settings.hf_name!r} has neither a {settings.text_field!r} column "
+                          f"nor both {settings.prompt_field!r} and {settings.response_field!r} (it has "
+                          f"{columns}); set dataset.text_field or dataset.prompt_field/response_field")
+    has_field = settings.partition_by in columns
+    origins = table[settings.partition_by] if has_field else [None] * len(texts)
+    return texts, [str(i) if o is None else str(o) for i, o in enumerate(origins)], has_field
+
+
+def load_corpus(settings: DatasetSettings, *, num_sources: int, seed: int) -> datasets.Dataset:
+    """Load every document of the configured source into one table with `text` and `source` columns.
+
+    Raises:
+        ConfigError: if the source is missing, unreadable, malformed or empty.
+    """
+    kind, cap, has_field = settings.resolved_source(), settings.max_chars_per_source, False
+    if kind == "packages":
+        texts, sources = _read_packages(num_sources, seed, cap)
+    elif kind == "huggingface":
+        texts, sources, has_field = _read_hub(settings)
+    else:
+        path = _existing(settings.path, "dataset.path")
+        if kind == "text_folder" and not path.is_dir():
+            raise ConfigError(f"dataset.source=text_folder needs dataset.path to be a folder (got file {path})")
+        if kind == "jsonl" and path.is_dir():
+            raise ConfigError(f"dataset.source=jsonl needs dataset.path to be a .jsonl file (got folder {path})")
+        if kind == "text_folder":
+            texts, sources = _read_text_folder(path, "dataset.path")
+        else:
+            texts, sources, has_field = _read_jsonl(path, settings)
+    if kind != "packages":  # one file's / record's text (packages are capped while reading)
+        texts = [t[:cap] for t in texts]
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    if not keep:
+        where = settings.hf_name if kind == "huggingface" else settings.path or "site-packages"
+        raise ConfigError(f"dataset source {kind} ({where}) has no non-empty documents; add text to it")
+    columns = {"text": [texts[i] for i in keep], "source": [sources[i] for i in keep]}
+    if has_field and settings.partition_by not in columns:  # keep the user's grouping field by name
+        columns[settings.partition_by] = columns["source"]
+    return datasets.Dataset.from_dict(columns)
+
+
+def load_texts(path: Path | str, settings: DatasetSettings, *, key: str = "dataset.path") -> list[str]:
+    """Read a folder of .txt files, one .txt file or a .jsonl file into non-empty texts.
+
+    Raises:
+        ConfigError: naming `key` if the path is missing or holds no text, or the bad file and line.
+    """
+    resolved = _existing(path, key)
+    if resolved.is_dir():
+        texts = _read_text_folder(resolved, key)[0]
+    elif resolved.suffix == ".txt":
+        texts = [_read_utf8(resolved)]
+    else:
+        texts = _read_jsonl(resolved, settings)[0]
+    texts = [t[: settings.max_chars_per_source] for t in texts if t.strip()]
+    if not texts:
+        raise ConfigError(f"{key}={str(path)!r} holds no non-empty text; add documents to it")
+    return texts
+
+
+# ---------------------------------------------------------------- partitioning
+
+def partition_corpus(corpus: datasets.Dataset, settings: DatasetSettings, num_clients: int,
+                     seed: int) -> list[datasets.Dataset]:
+    """Split the corpus into `num_clients` partitions with a flwr-datasets partitioner (seeded).
+
+    Raises:
+        ConfigError: if the partitioning column is unknown, or the data cannot give every client a share.
+    """
+    kind, by, n_docs = settings.resolved_partitioner(), settings.partition_by, len(corpus)
+    if kind != "iid" and by not in corpus.column_names:
+        raise ConfigError(f"dataset.partition_by={by!r} is not a field of the data (available: "
+                          f"{corpus.column_names}); set it to one of those or use dataset.partitioner=iid")
+    if n_docs < num_clients:
+        raise ConfigError(f"the data has {n_docs} documents, fewer than federation.num_clients={num_clients}; "
+                          "add documents or lower federation.num_clients")
+    if kind == "iid":
+        partitioner: Any = IidPartitioner(num_partitions=num_clients)
+        corpus = corpus.shuffle(seed=seed).flatten_indices()  # IidPartitioner shards contiguously
+    elif kind == "natural":
+        ids = sorted(corpus.unique(by))
+        if len(ids) != num_clients:
+            shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+            raise ConfigError(
+                f"dataset.partitioner=natural makes one client per distinct dataset.partition_by={by!r} value; "
+                f"the data has {len(ids)} ({shown}) but federation.num_clients={num_clients}; set "
+                f"federation.num_clients={len(ids)} or dataset.partitioner=iid")
+        partitioner = NaturalIdPartitioner(partition_by=by)
+    else:
+        n_classes = len(corpus.unique(by))
+        if n_classes == n_docs or n_classes > 1000:
+            raise ConfigError(
+                f"dataset.partitioner=dirichlet needs dataset.partition_by={by!r} to group documents into a "
+                f"few classes, but it has {n_classes} distinct values over {n_docs} documents; point "
+                "dataset.partition_by at a field such as a topic or author, or use dataset.partitioner=iid")
+        min_size = max(1, min(10, n_docs // (2 * num_clients)))
+        partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by=by, seed=seed,
+                                           alpha=settings.dirichlet_alpha, min_partition_size=min_size)
+    partitioner.dataset = corpus
+    try:
+        # flwr-datasets prints a progress bar and retry warnings; the summary reports the outcome.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return [partitioner.load_partition(i) for i in range(num_clients)]
+    except ValueError as err:
+        raise ConfigError(
+            f"dataset.partitioner={kind} could not give each of federation.num_clients={num_clients} "
+            f"clients a share of {n_docs} documents (dataset.dirichlet_alpha={settings.dirichlet_alpha}): "
+            f"{err}; raise dataset.dirichlet_alpha, lower federation.num_clients or use "
+            "dataset.partitioner=iid") from err
+
+
+# ---------------------------------------------------------------- tokenised client data
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write via a temporary file in the same folder, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class ClientData:
+    """One client's packed token rows: int64 ids and 1/0 masks (0 = padding), for training and held-out eval."""
+
+    train: torch.Tensor
+    train_mask: torch.Tensor
+    eval: torch.Tensor
+    eval_mask: torch.Tensor
+
+    def save(self, path: Path) -> None:
+        """Save atomically (temporary file, then rename)."""
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        _write_atomic(Path(path), lambda handle: torch.save(state, handle))
+
+    @classmethod
+    def load(cls, path: Path) -> ClientData:
+        """Load a file written by `save`.
+
+        Raises:
+            ConfigError: naming the file if it is missing or not a client data file.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        try:
+            state = torch.load(path, weights_only=True, map_location="cpu")
+        except FileNotFoundError:
+            raise ConfigError(f"client data file {path} is missing; prepare the federation's data "
+                              "(prepare_federation) into that folder first") from None
+        except Exception as err:  # truncated or foreign files fail in many ways inside torch/pickle
+            raise ConfigError(f"client data file {path} is unreadable ({type(err).__name__}: {err}); delete "
+                              "it and prepare the data again") from err
+        if not isinstance(state, dict) or any(not isinstance(state.get(n), torch.Tensor) for n in names):
+            raise ConfigError(f"client data file {path} lacks {names}; delete it and prepare the data again")
+        return cls(**{n: state[n] for n in names})
+
+
+def client_data_path(data_dir: Path, partition_id: int) -> Path:
+    """Where `prepare_federation` saves partition `partition_id`'s ClientData."""
+    return Path(data_dir) / f"client_{partition_id}.pt"
+
+
+def _pack(stream: list[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    full, rest = divmod(len(stream), seq_len)
+    used = full * seq_len + (rest if rest >= MIN_LAST_ROW else 0)
+    rows = full + (rest >= MIN_LAST_ROW)
+    ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, seq_len), dtype=torch.long)
+    ids.view(-1)[:used] = torch.tensor(stream[:used], dtype=torch.long)
+    mask.view(-1)[:used] = 1
+    return ids, mask
+
+
+def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSettings, seed: int,
+                      name: str) -> ClientData:
+    """Hold out whole documents for evaluation (seeded), tokenise, and pack each split into rows.
+
+    Raises:
+        ConfigError: naming `name` if the client ends up with too few training or held-out rows.
+    """
+    docs = [t for t in texts if t.strip()]
+    if not docs:
+        raise ConfigError(f"{name} has no text; use fewer clients (federation.num_clients) or more data")
+    eos = tokenizer.eos_token_id
+    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
+    # verbose=False: documents longer than the model's context are expected here (they are packed).
+    ids = tokenizer(docs, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    ids = [list(x) + ([eos] if eos is not None else []) for x in ids]
+    if len(ids) == 1:  # one document: hold out its tail instead
+        cut = round(len(ids[0]) * (1 - settings.eval_fraction))
+        train_stream, eval_stream = ids[0][:cut], ids[0][cut:]
+    else:
+        order = list(range(len(ids)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(len(ids) - 1, max(1, round(settings.eval_fraction * len(ids))))
+        eval_stream = list(itertools.chain.from_iterable(ids[i] for i in order[:n_eval]))
+        train_stream = list(itertools.chain.from_iterable(ids[i] for i in order[n_eval:]))
+    train, train_mask = _pack(train_stream, settings.seq_len, pad)
+    held, held_mask = _pack(eval_stream, settings.seq_len, pad)
+    if len(train) < settings.min_train_sequences or len(held) < settings.min_eval_sequences:
+        raise ConfigError(
+            f"{name} has {len(train)} training and {len(held)} held-out sequences of dataset.seq_len="
+            f"{settings.seq_len} tokens (from {len(docs)} documents), but needs dataset.min_train_sequences="
+            f"{settings.min_train_sequences} and dataset.min_eval_sequences={settings.min_eval_sequences}; "
+            "use fewer clients (federation.num_clients), a lower dataset.seq_len, more data, or lower "
+            "dataset.min_train_sequences / dataset.min_eval_sequences")
+    return ClientData(train, train_mask, held, held_mask)
+
+
+# ---------------------------------------------------------------- whole federation
+
+def _fingerprint(settings: RunSettings, tokenizer: Any) -> str:
+    stamp: list[Any] = []
+    if settings.dataset.path and Path(settings.dataset.path).expanduser().exists():
+        root = Path(settings.dataset.path).expanduser()  # so edited data files are not silently reused
+        for file in sorted([root] if root.is_file() else (p for p in root.rglob("*.txt") if p.is_file())):
+            info = file.stat()
+            stamp.append([str(file.resolve()), info.st_size, info.st_mtime_ns])
+    payload = {"dataset": dataclasses.asdict(settings.dataset), "num_clients": settings.federation.num_clients,
+               "seed": settings.seed, "vocab_size": len(tokenizer), "version": FORMAT_VERSION,
+               "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "files": stamp}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
+
+
+def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path) -> list[dict]:
+    """Build, save and summarise every client's data before training; reuse a matching earlier build.
+
+    Raises:
+        ConfigError: from loading, partitioning or packing; then nothing is written.
+    """
+    out_dir, ds, n = Path(out_dir), settings.dataset, settings.federation.num_clients
+    summary_path, fingerprint_path = out_dir / "summary.json", out_dir / "fingerprint.json"
+    fingerprint = _fingerprint(settings, tokenizer)
+    with contextlib.suppress(OSError, ValueError):
+        if (json.loads(fingerprint_path.read_text()).get("fingerprint") == fingerprint
+                and all(client_data_path(out_dir, i).is_file() for i in range(n))):
+            summary = json.loads(summary_path.read_text())
+            print(f"[data] reusing prepared data for {n} clients in {out_dir}", flush=True)
+            return summary
+    kind = ds.resolved_source()
+    print(f"[data] loading the {kind} corpus", flush=True)
+    corpus = load_corpus(ds, num_sources=n, seed=settings.seed)
+    print(f"[data] splitting {len(corpus)} documents among {n} clients ({ds.resolved_partitioner()})", flush=True)
+    parts = partition_corpus(corpus, ds, n, settings.seed)
+    print(f"[data] tokenising into rows of {ds.seq_len} tokens", flush=True)
+    built, summary = [], []
+    for i, part in enumerate(parts):
+        counts = collections.Counter(part["source"])
+        sources = [s for s, _ in counts.most_common(5)]
+        label = f" ({'package' if kind == 'packages' else 'source'} {sources[0]!r})" if len(counts) == 1 else ""
+        data = build_client_data(part["text"], tokenizer, ds, settings.seed + i, f"client {i}{label}")
+        built.append(data)
+        summary.append({"client": i, "sources": sources, "documents": len(part),
+                        "train_sequences": len(data.train), "eval_sequences": len(data.eval),
+                        "train_tokens": int(data.train_mask.sum()), "eval_tokens": int(data.eval_mask.sum())})
+    # Everything validated: now write. The fingerprint goes last, so a crash mid-way is never reused.
+    fingerprint_path.unlink(missing_ok=True)
+    for stale in out_dir.glob("client_*.pt"):
+        if stale.stem.removeprefix("client_").isdigit() and int(stale.stem.removeprefix("client_")) >= n:
+            stale.unlink()
+    for i, data in enumerate(built):
+        data.save(client_data_path(out_dir, i))
+    _write_json(summary_path, summary)
+    _write_json(fingerprint_path, {"fingerprint": fingerprint})
+    print(f"[data] saved {n} clients' data to {out_dir}", flush=True)
+    return summary

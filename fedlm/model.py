@@ -1,0 +1,86 @@
+"""Loading a base causal LM (embedded, local or hub) and putting a LoRA adapter on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedlm.embedded import ensure_embedded_base
+from fedlm.settings import ConfigError, LoraSettings, ModelSettings
+
+# All linear projections of the attention and MLP blocks (never lm_head): what LoRA needs to adapt
+# these architectures well; PEFT's defaults cover only q/v.
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TARGETS: dict[str, tuple[str, ...]] = {
+    **{kind: _LLAMA_STYLE for kind in ("llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma",
+                                       "gemma2", "phi3", "olmo", "olmo2", "smollm3", "granite")},
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+_FAN_IN_FAN_OUT = {"gpt2"}  # GPT-2 stores its projections as Conv1D (in, out): PEFT must transpose.
+
+
+def default_cache_root() -> Path:
+    """Where built base models live between runs."""
+    return Path(os.environ.get("POLLINATE_CACHE", Path.home() / ".cache" / "pollinate")).expanduser()
+
+
+def resolve_model_path(settings: ModelSettings, cache_root: Path | None = None) -> str:
+    """The directory or hub id `from_pretrained` should load; builds the embedded base if needed."""
+    if settings.name_or_path == "embedded":
+        return str(ensure_embedded_base(settings.embedded, cache_root or default_cache_root()))
+    path = Path(settings.name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={settings.name_or_path!r} has no config.json; point it at "
+                              "a directory written by save_pretrained(), or use `embedded`")
+        return str(path)
+    return settings.name_or_path  # a hub id: only users with network get past from_pretrained
+
+
+def load_base_model(settings: ModelSettings, cache_root: Path | None = None
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model and its tokenizer through the real `from_pretrained` path.
+
+    Raises:
+        ConfigError: the model or tokenizer cannot be loaded (unknown id, no network, bad folder).
+    """
+    source = resolve_model_path(settings, cache_root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, settings.dtype), trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"model.name_or_path={settings.name_or_path!r} could not be loaded ({str(err).splitlines()[0]}); "
+            "use `embedded`, a local directory holding a saved causal LM, or a hub id with network access"
+        ) from None
+    if tokenizer.pad_token_id is None:  # GPT-2 and friends ship none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def lora_targets(model: PreTrainedModel, settings: LoraSettings) -> list[str] | str:
+    """The module names LoRA wraps: configured, per architecture, or PEFT's all-linear fallback."""
+    if settings.target_modules:
+        return list(settings.target_modules)
+    return list(_TARGETS.get(model.config.model_type, ())) or "all-linear"
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter; A is drawn from `seed` so every party builds the same one."""
+    model_type = model.config.model_type
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=lora_targets(model, settings), task_type="CAUSAL_LM",
+        fan_in_fan_out=model_type in _FAN_IN_FAN_OUT,
+    )
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules={settings.target_modules!r} does not fit this "
+                          f"{model_type} model ({err}); leave it empty to choose per architecture") from None

@@ -1,0 +1,310 @@
+"""Plain, validated settings for a run: the one schema that Hydra, simulations and deployments share."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting or input is invalid; the message names the key or file, the value and the fix."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class EmbeddedBaseSettings:
+    """The small Llama base model Pollinate pretrains itself on first use (offline, cached)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    context_length: int = 128
+    pretrain_steps: int = 420
+    """About two minutes on 2 CPU cores: loss falls from ~8.3 to ~4 (measured in STACK.md)."""
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    corpus_max_chars: int = 10_000_000
+    """Characters of Python standard-library source used for the tokenizer and pretraining."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                    "context_length", "pretrain_steps", "batch_size", "corpus_max_chars"):
+            value = getattr(self, key)
+            _check(value > 0, f"model.embedded.{key} must be > 0 (got {value})")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"model.embedded.hidden_size ({self.hidden_size}) must be divisible by "
+               f"model.embedded.num_heads ({self.num_heads})")
+        _check(self.vocab_size >= 300, f"model.embedded.vocab_size must be >= 300 to hold the 256 "
+               f"byte tokens and specials (got {self.vocab_size}); try 4096")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which causal LM to fine-tune."""
+
+    name_or_path: str = "embedded"
+    """`embedded` (built offline on first use), a local directory, or a Hugging Face hub id."""
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    embedded: EmbeddedBaseSettings = field(default_factory=EmbeddedBaseSettings)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name_or_path.strip()),
+               "model.name_or_path is empty; use `embedded`, a local model directory or a hub id")
+        _check(self.dtype in ("float32", "bfloat16"),
+               f"model.dtype={self.dtype!r} is not supported; choose float32 or bfloat16")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter that is trained and federated (PEFT)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    """Empty: chosen per architecture (all linear projections; GPT-2's c_attn/c_proj/c_fc)."""
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, f"lora.r must be > 0 (got {self.r}); try 8")
+        _check(self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha}); try 2 * lora.r")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})")
+        _check("lm_head" not in self.target_modules,
+               "lora.target_modules must not contain lm_head: it is tied to the embeddings in small "
+               "models and would make the adapter as large as the vocabulary")
+
+
+DATA_SOURCES = ("auto", "packages", "text_folder", "jsonl", "huggingface")
+PARTITIONERS = ("auto", "natural", "iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """Where the clients' private text comes from and how it is split among them."""
+
+    source: str = "auto"
+    """`auto`: `huggingface` if hf_name is set, else from `path` (folder -> text_folder, file -> jsonl),
+    else `packages` (each client holds the source code of one installed third-party package)."""
+    path: str = ""
+    hf_name: str = ""
+    hf_split: str = "train"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    template: str = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
+    partitioner: str = "auto"
+    """`auto`: natural (one client per source) for installed packages, iid otherwise."""
+    partition_by: str = "source"
+    """The record field that natural and Dirichlet partitioning split by (each record's origin)."""
+    dirichlet_alpha: float = 0.5
+    eval_fraction: float = 0.1
+    seq_len: int = 128
+    max_chars_per_source: int = 400_000
+    """Cap on one package's / file's text, so one huge source cannot dominate tokenising time."""
+    min_train_sequences: int = 8
+    min_eval_sequences: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.source in DATA_SOURCES,
+               f"dataset.source={self.source!r} is unknown; choose one of {list(DATA_SOURCES)}")
+        _check(self.partitioner in PARTITIONERS,
+               f"dataset.partitioner={self.partitioner!r} is unknown; choose one of {list(PARTITIONERS)}")
+        _check(0 < self.eval_fraction < 1,
+               f"dataset.eval_fraction must be in (0, 1) (got {self.eval_fraction}); try 0.1")
+        _check(self.dirichlet_alpha > 0, f"dataset.dirichlet_alpha must be > 0 (got {self.dirichlet_alpha})")
+        _check(self.seq_len >= 8, f"dataset.seq_len must be >= 8 tokens (got {self.seq_len}); try 128")
+        for key in ("max_chars_per_source", "min_train_sequences", "min_eval_sequences"):
+            _check(getattr(self, key) > 0, f"dataset.{key} must be > 0 (got {getattr(self, key)})")
+        if self.source in ("text_folder", "jsonl"):
+            _check(bool(self.path), f"dataset.source={self.source} needs dataset.path=<a "
+                   f"{'folder of .txt files' if self.source == 'text_folder' else '.jsonl file'}>")
+        if self.source == "huggingface":
+            _check(bool(self.hf_name), "dataset.source=huggingface needs dataset.hf_name=<hub dataset id>")
+        if self.source == "jsonl" or (self.source == "auto" and self.path):
+            _check("{prompt}" in self.template and "{response}" in self.template,
+                   f"dataset.template must contain {{prompt}} and {{response}} (got {self.template!r})")
+
+    def resolved_source(self) -> str:
+        """The concrete source `auto` stands for."""
+        if self.source != "auto":
+            return self.source
+        if self.hf_name:
+            return "huggingface"
+        if self.path:
+            return "text_folder" if Path(self.path).expanduser().is_dir() else "jsonl"
+        return "packages"
+
+    def resolved_partitioner(self) -> str:
+        """The concrete partitioner `auto` stands for."""
+        if self.partitioner != "auto":
+            return self.partitioner
+        return "natural" if self.resolved_source() == "packages" else "iid"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One client's local training in a round."""
+
+    local_steps: int = 12
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    max_eval_sequences: int = 64
+    """Held-out sequences a client evaluates on (the same ones every round)."""
+
+    def __post_init__(self) -> None:
+        for key in ("local_steps", "batch_size", "max_eval_sequences"):
+            _check(getattr(self, key) > 0, f"train.{key} must be > 0 (got {getattr(self, key)})")
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate}); try 3e-3")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Who takes part, and for how long."""
+
+    num_clients: int = 8
+    clients_per_round: int = 4
+    rounds: int = 6
+    cpus_per_client: int = 1
+    """CPU cores one client may use: its torch threads, and the simulation's parallelism hint."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_clients", "clients_per_round", "rounds", "cpus_per_client"):
+            _check(getattr(self, key) > 0, f"federation.{key} must be > 0 (got {getattr(self, key)})")
+        _check(self.clients_per_round <= self.num_clients,
+               f"federation.clients_per_round ({self.clients_per_round}) exceeds federation.num_clients "
+               f"({self.num_clients}); lower it or add clients")
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """How the server combines the clients' adapters."""
+
+    name: str = "fedavg"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Server-side evaluation and checkpoints."""
+
+    save_every: int = 0
+    """Save the global adapter every N rounds (0: only at the end)."""
+    central_eval_path: str = ""
+    """Optional server-side held-out text (a folder of .txt files or a .jsonl file)."""
+
+    def __post_init__(self) -> None:
+        _check(self.save_every >= 0, f"server.save_every must be >= 0 (got {self.save_every})")
+        if self.central_eval_path:
+            path = Path(self.central_eval_path).expanduser()
+            _check(path.exists(), f"server.central_eval_path={self.central_eval_path!r} does not exist; "
+                   "point it at a folder of .txt files or a .jsonl file, or leave it empty")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one federated run needs, after Hydra has composed it."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    """Where metrics, the adapter, the report and the prepared client data go."""
+    cache_dir: str = ""
+    """Where built base models are kept between runs; empty: $POLLINATE_CACHE or ~/.cache/pollinate."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSettings:
+        return settings_from_dict(cls, json.loads(text))
+
+
+def settings_from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build settings dataclass `cls` from a plain mapping, rejecting unknown keys and wrong types.
+
+    Raises:
+        ConfigError: naming the full key, the bad value and (for a misspelt key) the closest valid one.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'settings'} must be a mapping (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"unknown setting {prefix}{key}{hint}")
+        kwargs[key] = _convert(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return settings_from_dict(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list (got {value!r})")
+        return tuple(_convert(typing.get_args(hint)[0], v, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number (got {value!r})")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number (got {value!r})")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be text (got {value!r})")
+        return str(value)
+    return value
+
+
+def settings_from_run_config(run_config: dict[str, Any]) -> RunSettings:
+    """The settings a Flower app was started with: one JSON value under `settings` (empty: defaults).
+
+    Raises:
+        ConfigError: the JSON is malformed or holds an invalid setting.
+    """
+    text = str(run_config.get("settings", "") or "")
+    if not text:
+        return RunSettings()
+    try:
+        return RunSettings.from_json(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"run_config key `settings` is not valid JSON ({err}); produce it with "
+                          "RunSettings.to_json() or `python -m simulations.run --cfg job`") from None

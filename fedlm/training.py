@@ -1,0 +1,97 @@
+"""The training maths every path shares: per-sequence loss, local LoRA steps and held-out evaluation."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlm.settings import TrainSettings
+
+
+def token_nll(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token negative log-likelihood of every position, and which positions are real targets.
+
+    Returns:
+        (nll [B, T-1], valid [B, T-1] float): position t predicts token t+1 of the sequence.
+    """
+    mask = mask.to(input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).to(logits.dtype)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                          reduction="none").view_as(targets)
+    return nll, valid
+
+
+def sequence_losses(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean loss over its own valid tokens, shape [B].
+
+    Every sequence weighs the same whatever its length: DP-SGD's sensitivity argument needs one sample to
+    be one sequence, which the built-in `labels=` loss (weighting by token share) breaks.
+    """
+    nll, valid = token_nll(model, input_ids, mask)
+    return (nll * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    """Mean per-sequence loss over the local steps."""
+    steps: int
+    sequences: int
+    tokens: int
+    seconds: float
+
+
+def train_local(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.Tensor,
+                settings: TrainSettings, seed: int) -> TrainResult:
+    """Run `settings.local_steps` AdamW steps on the trainable (adapter) parameters.
+
+    Batches are drawn from a seeded permutation of the rows, cycling, so a round is reproducible.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_ids), generator=generator)
+    model.train()
+    start, losses, tokens, cursor = time.perf_counter(), [], 0, 0
+    for _ in range(settings.local_steps):
+        if cursor + settings.batch_size > len(order):
+            order, cursor = torch.randperm(len(train_ids), generator=generator), 0
+        rows = order[cursor:cursor + settings.batch_size]
+        cursor += settings.batch_size
+        ids, mask = train_ids[rows], train_mask[rows]
+        loss = sequence_losses(model, ids, mask).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        tokens += int(mask.sum())
+    return TrainResult(loss=sum(losses) / len(losses), steps=settings.local_steps,
+                       sequences=settings.local_steps * settings.batch_size, tokens=tokens,
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:
+    """Mean next-token loss over all valid held-out tokens, and how many there were.
+
+    Token-weighted, so exp(loss) is the usual held-out perplexity.
+    """
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        nll, valid = token_nll(model, ids[start:start + batch_size], mask[start:start + batch_size])
+        total += float((nll * valid).sum())
+        count += int(valid.sum())
+    return total / max(count, 1), count
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged model reports a large number instead of overflowing."""
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,77 @@
+"""The Flower ServerApp: builds the global adapter and strategy from the run's settings and drives the rounds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common import ndarrays_to_parameters
+from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.serverapp import Grid
+from peft import PeftModel
+
+from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
+from fedlm.data import load_texts, pack_texts, prepare_federation
+from fedlm.model import apply_lora, load_base_model
+from fedlm.settings import RunSettings, settings_from_run_config
+from fedlm.training import evaluate, perplexity
+from server.loop import RoundLoop
+from server.metering import MeteredGrid
+from server.recorder import RunRecorder
+from server.report import write_report
+from strategies import EvaluateFn, build_strategy
+
+INFO = 20
+
+
+def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> EvaluateFn | None:
+    """Evaluation of the global adapter on server-side held-out text, if `server.central_eval_path` is set."""
+    if not settings.server.central_eval_path:
+        return None
+    ids, mask = pack_texts(load_texts(settings.server.central_eval_path, settings.dataset), tokenizer,
+                           settings.dataset.seq_len)
+
+    def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
+        arrays_to_adapter(model, arrays)
+        loss, tokens = evaluate(model, ids, mask)
+        return loss, {"central_perplexity": perplexity(loss), "central_tokens": tokens}
+
+    return evaluate_fn
+
+
+def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
+    """Prepare, run every round, and leave metrics, the adapter and a report in `settings.output_dir`."""
+    random.seed(settings.seed)  # Flower's client sampling draws from the global `random`
+    np.random.seed(settings.seed)
+    out_dir = Path(settings.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base, tokenizer = load_base_model(settings.model, Path(settings.cache_dir) if settings.cache_dir else None)
+    prepare_federation(settings, tokenizer, out_dir / "data")  # a no-op when the launcher already did it
+    model = apply_lora(base, settings.lora, settings.seed)
+    initial = ndarrays_to_parameters(adapter_to_arrays(model))
+    with torch.no_grad():
+        strategy = build_strategy(settings, initial, central_evaluator(settings, model, tokenizer))
+    metered = MeteredGrid(grid)
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy)
+    recorder = RunRecorder(out_dir, model, metered, settings.federation.rounds, settings.server.save_every)
+    RoundLoop(on_round_end=recorder)(metered, legacy)
+    report = write_report(out_dir)
+    log(INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)
+
+
+def build_server_app(settings: RunSettings | None = None) -> ServerApp:
+    """A ServerApp for `settings`, or (for `flwr run`) for the settings in the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, context, settings or settings_from_run_config(context.run_config))
+
+    return app
+
+
+app = build_server_app()

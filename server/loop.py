@@ -1,0 +1,52 @@
+"""The federated round loop: evaluate the base model at round 0, then fit and evaluate every round.
+
+The fit step is a pluggable Flower workflow (the plain one, or SecAgg+'s), so secure aggregation is a
+switch on this same loop rather than a second loop.
+"""
+
+from __future__ import annotations
+
+import timeit
+from typing import Callable
+
+from flwr.app import ConfigRecord
+from flwr.server import LegacyContext
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.default_workflows import (
+    default_centralized_evaluation_workflow,
+    default_evaluate_workflow,
+    default_fit_workflow,
+    default_init_params_workflow,
+)
+from flwr.serverapp import Grid
+
+Workflow = Callable[[Grid, LegacyContext], None]
+RoundHook = Callable[[int, LegacyContext], None]
+
+
+class RoundLoop:
+    """Round 0 (base model, evaluation only), then rounds 1..N of fit, central and federated evaluation."""
+
+    def __init__(self, on_round_end: RoundHook, fit_workflow: Workflow = default_fit_workflow) -> None:
+        self.on_round_end = on_round_end
+        self.fit_workflow = fit_workflow
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
+        registered.wait()
+        try:
+            default_init_params_workflow(grid, context)  # also evaluates round 0 centrally, if configured
+            config = ConfigRecord({Key.START_TIME: timeit.default_timer(), Key.CURRENT_ROUND: 0})
+            context.state.config_records[MAIN_CONFIGS_RECORD] = config
+            default_evaluate_workflow(grid, context)  # round 0: where the base model starts
+            self.on_round_end(0, context)
+            for server_round in range(1, context.config.num_rounds + 1):
+                config[Key.CURRENT_ROUND] = server_round
+                self.fit_workflow(grid, context)
+                default_centralized_evaluation_workflow(grid, context)
+                default_evaluate_workflow(grid, context)
+                self.on_round_end(server_round, context)
+        finally:
+            stop.set()
+            thread.join()

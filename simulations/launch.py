@@ -1,0 +1,86 @@
+"""Run a simulated federation on Flower's Simulation Engine from validated settings (no Hydra here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlm.settings import RunSettings
+
+# Offline and reproducible by default: no telemetry, no update checks, and never let Flower install
+# packages at run time (it would pull a multi-GB CUDA torch).
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",  # tokenizers' threads would fight the clients' torch threads
+}
+
+
+def make_offline_safe() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@dataclass
+class RunOutcome:
+    output_dir: Path
+    rows: list[dict]
+
+    @property
+    def initial_perplexity(self) -> float:
+        return self.rows[0]["eval_perplexity"]
+
+    @property
+    def final_perplexity(self) -> float:
+        return self.rows[-1]["eval_perplexity"]
+
+
+def prepare(settings: RunSettings) -> None:
+    """Everything that can fail on bad input, before any federation starts: model, tokenizer, client data."""
+    from fedlm.data import prepare_federation
+    from fedlm.model import load_base_model
+
+    out_dir = Path(settings.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, tokenizer = load_base_model(settings.model, Path(settings.cache_dir) if settings.cache_dir else None)
+    prepare_federation(settings, tokenizer, out_dir / "data")
+    (out_dir / "settings.json").write_text(json.dumps(json.loads(settings.to_json()), indent=2))
+
+
+def simulate(settings: RunSettings) -> RunOutcome:
+    """Prepare, then run the federation with one virtual SuperNode per client; returns the metrics rows."""
+    make_offline_safe()
+    prepare(settings)
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from server.app import build_server_app
+
+    fed = settings.federation
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=build_server_app(settings),
+            client_app=build_client_app(settings),
+            num_supernodes=fed.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": 0.0},
+                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                              "logging_level": logging.ERROR, "log_to_driver": True},
+            },
+        )
+    out_dir = Path(settings.output_dir)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+    outcome = RunOutcome(out_dir, rows)
+    print(f"\nPollinate: {len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity "
+          f"{outcome.initial_perplexity:.2f} (round 0, base) -> {outcome.final_perplexity:.2f} "
+          f"(round {rows[-1]['round']}).\nOutputs: {out_dir} (metrics.jsonl, adapter/, report.md)", flush=True)
+    return outcome

@@ -1,0 +1,35 @@
+"""Federated strategies over LoRA adapters, chosen by name with `strategy=NAME`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from flwr.common import Parameters
+from flwr.server.strategy import Strategy
+
+from fedlm.settings import ConfigError, RunSettings
+from strategies.fedavg import build_fedavg
+
+EvaluateFn = Callable[[int, list, dict], "tuple[float, dict] | None"]
+
+_STRATEGIES: dict[str, Callable[[RunSettings, Parameters, EvaluateFn | None], Strategy]] = {
+    "fedavg": build_fedavg,
+}
+
+
+def build_strategy(settings: RunSettings, initial: Parameters, evaluate_fn: EvaluateFn | None = None) -> Strategy:
+    """The strategy `settings.strategy.name` names, starting from the `initial` adapter.
+
+    Raises:
+        ConfigError: the name is unknown (the message lists the valid ones).
+    """
+    try:
+        builder = _STRATEGIES[settings.strategy.name]
+    except KeyError:
+        raise ConfigError(f"strategy={settings.strategy.name!r} is unknown; choose one of "
+                          f"{sorted(_STRATEGIES)}") from None
+    return builder(settings, initial, evaluate_fn)
+
+
+def strategy_names() -> list[str]:
+    return sorted(_STRATEGIES)
