@@ -193,10 +193,10 @@ def load_corpus(settings: DatasetSettings, *, num_sources: int, seed: int) -> da
         texts, sources, has_field = _read_hub(settings)
     else:
         path = _existing(settings.path, "dataset.path")
-        if kind == "text_folder" and not path.is_dir():
-            raise ConfigError(f"dataset.source=text_folder needs dataset.path to be a folder (got file {path})")
-        if kind == "jsonl" and path.is_dir():
-            raise ConfigError(f"dataset.source=jsonl needs dataset.path to be a .jsonl file (got folder {path})")
+        if path.is_dir() != (kind == "text_folder"):
+            want = "a folder of .txt files" if kind == "text_folder" else "a .jsonl file"
+            raise ConfigError(f"dataset.source={kind} needs dataset.path to be {want} (got {path}); "
+                              "fix dataset.path or set dataset.source=auto")
         if kind == "text_folder":
             texts, sources = _read_text_folder(path, "dataset.path")
         else:
@@ -256,8 +256,8 @@ def partition_corpus(corpus: datasets.Dataset, settings: DatasetSettings, num_cl
         if len(ids) != num_clients:
             shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
             raise ConfigError(
-                f"dataset.partitioner=natural makes one client per distinct dataset.partition_by={by!r} value; "
-                f"the data has {len(ids)} ({shown}) but federation.num_clients={num_clients}; set "
+                f"dataset.partitioner=natural makes one client per distinct dataset.partition_by={by!r} "
+                f"value; the data has {len(ids)} ({shown}) but federation.num_clients={num_clients}; set "
                 f"federation.num_clients={len(ids)} or dataset.partitioner=iid")
         partitioner = NaturalIdPartitioner(partition_by=by)
     else:
@@ -302,7 +302,7 @@ def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
 
 @dataclass
 class ClientData:
-    """One client's packed token rows: int64 ids and 1/0 masks (0 = padding), for training and held-out eval."""
+    """One client's packed token rows: int64 ids and 1/0 masks (0 = padding), for training and evaluation."""
 
     train: torch.Tensor
     train_mask: torch.Tensor
@@ -353,7 +353,7 @@ def _pack(stream: list[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, t
 
 def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSettings, seed: int,
                       name: str) -> ClientData:
-    """Hold out whole documents for evaluation (seeded), tokenise, and pack each split into rows.
+    """Tokenise, hold out about eval_fraction of the tokens as whole documents (seeded), pack into rows.
 
     Raises:
         ConfigError: naming `name` if the client ends up with too few training or held-out rows.
@@ -366,15 +366,24 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
     # verbose=False: documents longer than the model's context are expected here (they are packed).
     ids = tokenizer(docs, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     ids = [list(x) + ([eos] if eos is not None else []) for x in ids]
-    if len(ids) == 1:  # one document: hold out its tail instead
-        cut = round(len(ids[0]) * (1 - settings.eval_fraction))
-        train_stream, eval_stream = ids[0][:cut], ids[0][cut:]
-    else:
-        order = list(range(len(ids)))
-        random.Random(seed).shuffle(order)
-        n_eval = min(len(ids) - 1, max(1, round(settings.eval_fraction * len(ids))))
-        eval_stream = list(itertools.chain.from_iterable(ids[i] for i in order[:n_eval]))
-        train_stream = list(itertools.chain.from_iterable(ids[i] for i in order[n_eval:]))
+    order = list(range(len(ids)))
+    random.Random(seed).shuffle(order)
+    # Hold out whole documents (in seeded order) worth eval_fraction of the tokens, skipping any that
+    # would take over twice that share: counting documents instead lets one tiny or huge file decide.
+    target, held, held_tokens = settings.eval_fraction * sum(map(len, ids)), set(), 0
+    for i in order:
+        if held_tokens >= target:
+            break
+        if held_tokens + len(ids[i]) <= 2 * target and len(held) < len(ids) - 1:
+            held.add(i)
+            held_tokens += len(ids[i])
+    if held_tokens >= target / 2:
+        eval_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i in held))
+        train_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i not in held))
+    else:  # one document, or only a few large ones: hold out the tail of the token stream instead
+        stream = list(itertools.chain.from_iterable(ids[i] for i in order))
+        cut = round(len(stream) * (1 - settings.eval_fraction))
+        train_stream, eval_stream = stream[:cut], stream[cut:]
     train, train_mask = _pack(train_stream, settings.seq_len, pad)
     held, held_mask = _pack(eval_stream, settings.seq_len, pad)
     if len(train) < settings.min_train_sequences or len(held) < settings.min_eval_sequences:
@@ -396,9 +405,10 @@ def _fingerprint(settings: RunSettings, tokenizer: Any) -> str:
         for file in sorted([root] if root.is_file() else (p for p in root.rglob("*.txt") if p.is_file())):
             info = file.stat()
             stamp.append([str(file.resolve()), info.st_size, info.st_mtime_ns])
+    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
     payload = {"dataset": dataclasses.asdict(settings.dataset), "num_clients": settings.federation.num_clients,
                "seed": settings.seed, "vocab_size": len(tokenizer), "version": FORMAT_VERSION,
-               "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "files": stamp}
+               "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "vocab": vocab, "files": stamp}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -424,15 +434,18 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path) -> 
     kind = ds.resolved_source()
     print(f"[data] loading the {kind} corpus", flush=True)
     corpus = load_corpus(ds, num_sources=n, seed=settings.seed)
-    print(f"[data] splitting {len(corpus)} documents among {n} clients ({ds.resolved_partitioner()})", flush=True)
+    print(f"[data] splitting {len(corpus)} documents among {n} clients "
+          f"({ds.resolved_partitioner()} partitioning)", flush=True)
     parts = partition_corpus(corpus, ds, n, settings.seed)
     print(f"[data] tokenising into rows of {ds.seq_len} tokens", flush=True)
     built, summary = [], []
     for i, part in enumerate(parts):
         counts = collections.Counter(part["source"])
         sources = [s for s, _ in counts.most_common(5)]
-        label = f" ({'package' if kind == 'packages' else 'source'} {sources[0]!r})" if len(counts) == 1 else ""
-        data = build_client_data(part["text"], tokenizer, ds, settings.seed + i, f"client {i}{label}")
+        name = f"client {i}"
+        if len(counts) == 1:
+            name += f" ({'package' if kind == 'packages' else 'source'} {sources[0]!r})"
+        data = build_client_data(part["text"], tokenizer, ds, settings.seed + i, name)
         built.append(data)
         summary.append({"client": i, "sources": sources, "documents": len(part),
                         "train_sequences": len(data.train), "eval_sequences": len(data.eval),
@@ -448,3 +461,12 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path) -> 
     _write_json(fingerprint_path, {"fingerprint": fingerprint})
     print(f"[data] saved {n} clients' data to {out_dir}", flush=True)
     return summary
+
+
+def pack_texts(texts: list[str], tokenizer: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of `texts` as packed rows (ids, mask): a held-out set used whole, such as a server's."""
+    eos = tokenizer.eos_token_id
+    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
+    ids = tokenizer([t for t in texts if t.strip()], add_special_tokens=False, truncation=False)["input_ids"]
+    stream = list(itertools.chain.from_iterable(list(x) + ([eos] if eos is not None else []) for x in ids))
+    return _pack(stream, seq_len, pad)

@@ -1,0 +1,25 @@
+# Pollinate: `make demo` runs the default simulated federation, `make test` the test suite, `make bench` the
+# benchmarks. Each creates .venv and installs the project on first use. Pass Hydra overrides with ARGS="...".
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -qq --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m simulations.run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache
