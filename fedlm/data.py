@@ -27,6 +27,8 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Natu
 from fedlm.settings import ConfigError, DatasetSettings, RunSettings
 
 OWN_PACKAGES = frozenset({"fedlm", "server", "client", "strategies", "simulations", "tests"})
+STRAY_NAMES = frozenset({"examples", "benchmarks", "docs", "scripts", "test"})
+"""Folders some wheels drop into site-packages by mistake (opacus ships two): not a package's code base."""
 MIN_PACKAGE_CHARS = 60_000
 """A package needs this much Python to fill a train and an eval split."""
 MIN_LAST_ROW = 8
@@ -66,7 +68,7 @@ def _package_roots() -> dict[str, Path]:
             name = entry[:-3] if is_module else entry
             # The stdlib is the base model's pretraining corpus, and our own code is not client data.
             if ((is_module or os.path.isdir(path)) and name.isidentifier() and not name.startswith("__")
-                    and name not in sys.stdlib_module_names and name not in OWN_PACKAGES):
+                    and name not in sys.stdlib_module_names and name not in OWN_PACKAGES | STRAY_NAMES):
                 found.setdefault(name, Path(path))
     return found
 
@@ -351,6 +353,15 @@ def _pack(stream: list[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def _tokenize(docs: list[str], tokenizer: Any) -> tuple[list[list[int]], int]:
+    """Each document's token ids followed by EOS (if the tokenizer has one), and the padding id."""
+    eos = tokenizer.eos_token_id
+    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
+    # verbose=False: documents longer than the model's context are expected here (they are packed).
+    ids = tokenizer(docs, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    return [list(x) + ([eos] if eos is not None else []) for x in ids], pad
+
+
 def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSettings, seed: int,
                       name: str) -> ClientData:
     """Tokenise, hold out about eval_fraction of the tokens as whole documents (seeded), pack into rows.
@@ -361,25 +372,21 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
     docs = [t for t in texts if t.strip()]
     if not docs:
         raise ConfigError(f"{name} has no text; use fewer clients (federation.num_clients) or more data")
-    eos = tokenizer.eos_token_id
-    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
-    # verbose=False: documents longer than the model's context are expected here (they are packed).
-    ids = tokenizer(docs, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    ids = [list(x) + ([eos] if eos is not None else []) for x in ids]
+    ids, pad = _tokenize(docs, tokenizer)
     order = list(range(len(ids)))
     random.Random(seed).shuffle(order)
     # Hold out whole documents (in seeded order) worth eval_fraction of the tokens, skipping any that
     # would take over twice that share: counting documents instead lets one tiny or huge file decide.
-    target, held, held_tokens = settings.eval_fraction * sum(map(len, ids)), set(), 0
+    target, held_out, held_tokens = settings.eval_fraction * sum(map(len, ids)), set(), 0
     for i in order:
         if held_tokens >= target:
             break
-        if held_tokens + len(ids[i]) <= 2 * target and len(held) < len(ids) - 1:
-            held.add(i)
+        if held_tokens + len(ids[i]) <= 2 * target and len(held_out) < len(ids) - 1:
+            held_out.add(i)
             held_tokens += len(ids[i])
     if held_tokens >= target / 2:
-        eval_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i in held))
-        train_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i not in held))
+        eval_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i in held_out))
+        train_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i not in held_out))
     else:  # one document, or only a few large ones: hold out the tail of the token stream instead
         stream = list(itertools.chain.from_iterable(ids[i] for i in order))
         cut = round(len(stream) * (1 - settings.eval_fraction))
@@ -465,8 +472,5 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path) -> 
 
 def pack_texts(texts: list[str], tokenizer: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All of `texts` as packed rows (ids, mask): a held-out set used whole, such as a server's."""
-    eos = tokenizer.eos_token_id
-    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
-    ids = tokenizer([t for t in texts if t.strip()], add_special_tokens=False, truncation=False)["input_ids"]
-    stream = list(itertools.chain.from_iterable(list(x) + ([eos] if eos is not None else []) for x in ids))
-    return _pack(stream, seq_len, pad)
+    ids, pad = _tokenize([t for t in texts if t.strip()], tokenizer)
+    return _pack(list(itertools.chain.from_iterable(ids)), seq_len, pad)

@@ -6,7 +6,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
@@ -32,8 +31,8 @@ def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> Eva
     """Evaluation of the global adapter on server-side held-out text, if `server.central_eval_path` is set."""
     if not settings.server.central_eval_path:
         return None
-    ids, mask = pack_texts(load_texts(settings.server.central_eval_path, settings.dataset), tokenizer,
-                           settings.dataset.seq_len)
+    texts = load_texts(settings.server.central_eval_path, settings.dataset, key="server.central_eval_path")
+    ids, mask = pack_texts(texts, tokenizer, settings.dataset.seq_len)
 
     def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
         arrays_to_adapter(model, arrays)
@@ -53,8 +52,7 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     prepare_federation(settings, tokenizer, out_dir / "data")  # a no-op when the launcher already did it
     model = apply_lora(base, settings.lora, settings.seed)
     initial = ndarrays_to_parameters(adapter_to_arrays(model))
-    with torch.no_grad():
-        strategy = build_strategy(settings, initial, central_evaluator(settings, model, tokenizer))
+    strategy = build_strategy(settings, initial, central_evaluator(settings, model, tokenizer))
     metered = MeteredGrid(grid)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy)
     recorder = RunRecorder(out_dir, model, metered, settings.federation.rounds, settings.server.save_every)

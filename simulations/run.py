@@ -2,22 +2,60 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
+from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedlm.settings import ConfigError, RunSettings, settings_from_dict
 from simulations.launch import simulate
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 
 def to_settings(cfg: DictConfig, output_dir: str) -> RunSettings:
     """The composed config as validated settings; every key and type error surfaces here."""
     data = OmegaConf.to_container(cfg, resolve=True)
     data.pop("hydra", None)
-    data["output_dir"] = output_dir
+    data["output_dir"] = str(data.pop("output_dir", output_dir))
     return settings_from_dict(RunSettings, data)
+
+
+def compose_settings(overrides: list[str], output_dir: str) -> RunSettings:
+    """Compose conf/ with `overrides` outside a Hydra app (tests, `flwr run` export)."""
+    check_override_keys(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_settings(compose(config_name="config", overrides=overrides), output_dir)
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        keys += _leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return keys
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Refuse a misspelt `key=value` override with the nearest valid key, before Hydra's terser error.
+
+    Raises:
+        ConfigError: naming the unknown key and the closest existing one.
+    """
+    plain = [o.split("=", 1)[0] for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra."))]
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    choices = [o for o in overrides if o.split("=", 1)[0].lstrip("+") in groups]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="config", overrides=choices))
+    known = set(_leaf_keys(cfg)) | groups
+    for key in plain:
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see conf/config.yaml for the valid keys"
+            raise ConfigError(f"unknown setting {key}{hint}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -32,4 +70,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        check_override_keys([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ConfigError as err:
+        sys.exit(f"Configuration error: {err}")
     main()

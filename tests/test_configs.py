@@ -69,3 +69,13 @@ def test_overrides_reach_the_settings():
     settings = to_settings(_compose(["federation.rounds=2", "federation.num_clients=6",
                                      "federation.clients_per_round=3", "seed=4", "lora.r=4"]), "out")
     assert (settings.federation.rounds, settings.federation.num_clients, settings.seed, settings.lora.r) == (2, 6, 4, 4)
+
+
+def test_a_misspelt_override_names_the_nearest_key():
+    from fedlm.settings import ConfigError
+    from simulations.run import compose_settings
+    with pytest.raises(ConfigError, match=r"unknown setting federation\.rondz; did you mean federation\.rounds\?"):
+        compose_settings(["federation.rondz=2"], "out")
+    with pytest.raises(ConfigError, match=r"unknown setting model\.embedded\.seed"):
+        compose_settings(["model=gpt2", "model.embedded.seed=3"], "out")  # gpt2 has no embedded block
+    assert compose_settings(["model=gpt2", "federation.rounds=1"], "out").model.name_or_path == "openai-community/gpt2"

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fedlm import data
 from fedlm.data import (ClientData, build_client_data, client_data_path, load_corpus, load_texts,
-                        partition_corpus, prepare_federation)
+                        pack_texts, partition_corpus, prepare_federation)
 from fedlm.settings import ConfigError, DatasetSettings, FederationSettings, RunSettings
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -232,6 +232,16 @@ def test_build_client_data_splits_documents_and_packs(tokenizer: Tok) -> None:
     assert torch.equal(same.train, out.train) and torch.equal(same.eval, out.eval)
 
 
+def test_held_out_share_follows_tokens_not_document_count(tokenizer: Tok) -> None:
+    texts = [letter_doc("z", 1200)] + [letter_doc(c, 60) for c in LETTERS[:12]]  # one huge document
+    settings = DatasetSettings(seq_len=16, eval_fraction=0.1, min_train_sequences=4, min_eval_sequences=1)
+    for seed in range(5):
+        out = build_client_data(texts, tokenizer, settings, seed=seed, name="client 0")
+        assert "z" in decoded_letters(tokenizer, out.train, out.train_mask)  # never held out: too big
+        share = int(out.eval_mask.sum()) / int(out.train_mask.sum() + out.eval_mask.sum())
+        assert 0.05 <= share <= 0.2
+
+
 def test_single_document_is_split_by_tokens(caplog: pytest.LogCaptureFixture) -> None:
     tokenizer = train_tokenizer()  # fresh: transformers warns about long sequences only once per tokenizer
     settings = DatasetSettings(seq_len=8, eval_fraction=0.25, min_train_sequences=1, min_eval_sequences=1)
@@ -247,6 +257,14 @@ def test_too_little_data_names_the_client(tokenizer: Tok) -> None:
                                           r"sequences .*dataset\.min_train_sequences=8"):
         build_client_data(["tiny text", "more"], tokenizer, DatasetSettings(), seed=0,
                           name="client 3 (package 'six')")
+
+
+def test_pack_texts_keeps_every_document(tokenizer: Tok) -> None:
+    ids, mask = pack_texts([letter_doc("a", 30), "  ", letter_doc("b", 30)], tokenizer, seq_len=16)
+    n_tokens = sum(len(tokenizer(letter_doc(c, 30), verbose=False)["input_ids"]) + 1 for c in "ab")
+    full, rest = divmod(n_tokens, 16)
+    assert ids.shape == (full + (rest >= 8), 16) and int(mask.sum()) == full * 16 + (rest if rest >= 8 else 0)
+    assert decoded_letters(tokenizer, ids, mask) == {"a", "b"}
 
 
 def test_client_data_round_trip_and_load_errors(tmp_path: Path) -> None:

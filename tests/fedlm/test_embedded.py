@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,12 @@ def test_crash_leftovers_do_not_count_as_built(tmp_path: Path) -> None:
     assert not stale.exists() and not list(tmp_path.glob(".*.tmp-*"))
     assert json.loads((final / "build_info.json").read_text())["settings"]["pretrain_steps"] == 5
     AutoModelForCausalLM.from_pretrained(final)
+
+
+def test_concurrent_callers_build_once(tmp_path: Path) -> None:
+    settings = dataclasses.replace(TINY, pretrain_steps=5)
+    lines: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        dirs = list(pool.map(lambda _: ensure_embedded_base(settings, tmp_path, log=lines.append), range(2)))
+    assert dirs[0] == dirs[1] == embedded_base_dir(settings, tmp_path)
+    assert sum("pretraining" in line for line in lines) == 1
