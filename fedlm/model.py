@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from fedlm.embedded import ensure_embedded_base
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings
@@ -21,6 +23,11 @@ _TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
 _FAN_IN_FAN_OUT = {"gpt2"}  # GPT-2 stores its projections as Conv1D (in, out): PEFT must transpose.
+
+# Every client process loads a model: keep their logs to what matters (PEFT 0.21 still calls a
+# transformers 5 method that warns on each use).
+hf_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def default_cache_root() -> Path:

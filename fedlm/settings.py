@@ -158,7 +158,7 @@ class DatasetSettings:
 class TrainSettings:
     """One client's local training in a round."""
 
-    local_steps: int = 12
+    local_steps: int = 30
     batch_size: int = 8
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
@@ -178,7 +178,7 @@ class FederationSettings:
 
     num_clients: int = 8
     clients_per_round: int = 4
-    rounds: int = 6
+    rounds: int = 10
     cpus_per_client: int = 1
     """CPU cores one client may use: its torch threads, and the simulation's parallelism hint."""
 

@@ -20,7 +20,15 @@ OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' threads would fight the clients' torch threads
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # no GPUs here; silences Ray's warning about it
 }
+
+
+class _DropDeprecationNotice(logging.Filter):
+    """`run_simulation` is the only in-process engine entry point in Flower 1.41; its notice is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
 
 
 def make_offline_safe() -> None:
@@ -63,6 +71,7 @@ def simulate(settings: RunSettings) -> RunOutcome:
     from client.app import build_client_app
     from server.app import build_server_app
 
+    logging.getLogger("flwr").addFilter(_DropDeprecationNotice())
     fed = settings.federation
     start = time.perf_counter()
     with warnings.catch_warnings():
