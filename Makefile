@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run $(ARGS)
+	$(PY) benchmarks/run.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -423,8 +423,11 @@ def _write_json(path: Path, value: Any) -> None:
     _write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
 
 
-def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path) -> list[dict]:
+def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,
+                       corpus: datasets.Dataset | None = None) -> list[dict]:
     """Build, save and summarise every client's data before training; reuse a matching earlier build.
+
+    `corpus` is `load_corpus`'s result when the caller already loaded it (to validate the data first).
 
     Raises:
         ConfigError: from loading, partitioning or packing; then nothing is written.
@@ -440,7 +443,8 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path) -> 
             return summary
     kind = ds.resolved_source()
     print(f"[data] loading the {kind} corpus", flush=True)
-    corpus = load_corpus(ds, num_sources=n, seed=settings.seed)
+    if corpus is None:
+        corpus = load_corpus(ds, num_sources=n, seed=settings.seed)
     print(f"[data] splitting {len(corpus)} documents among {n} clients "
           f"({ds.resolved_partitioner()} partitioning)", flush=True)
     parts = partition_corpus(corpus, ds, n, settings.seed)

@@ -208,10 +208,6 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         _check(self.save_every >= 0, f"server.save_every must be >= 0 (got {self.save_every})")
-        if self.central_eval_path:
-            path = Path(self.central_eval_path).expanduser()
-            _check(path.exists(), f"server.central_eval_path={self.central_eval_path!r} does not exist; "
-                   "point it at a folder of .txt files or a .jsonl file, or leave it empty")
 
 
 @dataclass(frozen=True)

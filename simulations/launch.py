@@ -51,14 +51,20 @@ class RunOutcome:
 
 
 def prepare(settings: RunSettings) -> None:
-    """Everything that can fail on bad input, before any federation starts: model, tokenizer, client data."""
-    from fedlm.data import prepare_federation
+    """Everything that can fail on bad input, before any federation starts: data, model, tokenizer.
+
+    The data is read first, so a wrong path fails in milliseconds rather than after a base model build.
+    """
+    from fedlm.data import load_corpus, load_texts, prepare_federation
     from fedlm.model import load_base_model
 
+    corpus = load_corpus(settings.dataset, num_sources=settings.federation.num_clients, seed=settings.seed)
+    if settings.server.central_eval_path:
+        load_texts(settings.server.central_eval_path, settings.dataset, key="server.central_eval_path")
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _, tokenizer = load_base_model(settings.model, Path(settings.cache_dir) if settings.cache_dir else None)
-    prepare_federation(settings, tokenizer, out_dir / "data")
+    prepare_federation(settings, tokenizer, out_dir / "data", corpus)
     (out_dir / "settings.json").write_text(json.dumps(json.loads(settings.to_json()), indent=2))
 
 
