@@ -190,6 +190,51 @@ class FederationSettings:
                f"({self.num_clients}); lower it or add clients")
 
 
+PRIVACY_MODES = ("disabled", "dp_sgd")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Sample-level differential privacy of each client's local training (Opacus DP-SGD on the adapter)."""
+
+    name: str = "disabled"
+    """`dp_sgd` or `disabled`."""
+    target_epsilon: float = 8.0
+    """Lifetime budget of one client, over every round it ever joins."""
+    delta: float = 0.0
+    """0: min(1e-5, 1/n) for a client holding n training sequences (the privacy unit is one sequence)."""
+    noise_multiplier: float = 0.0
+    """0: calibrated once, from target_epsilon, over the client's whole horizon."""
+    max_grad_norm: float = 1.0
+    """Per-sequence gradient clipping bound C."""
+    horizon_rounds: int = 0
+    """Rounds a client may join, for calibration; 0: federation.rounds (the worst case: every round)."""
+    max_physical_batch_size: int = 16
+    """Poisson batches larger than this are processed in chunks (memory), as one logical step."""
+    accountant: str = "prv"
+    """`prv` (tight; falls back to `rdp` where PRV fails) or `rdp` (a looser but valid bound)."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in PRIVACY_MODES,
+               f"privacy={self.name!r} is unknown; choose one of {list(PRIVACY_MODES)}")
+        _check(self.accountant in ACCOUNTANTS,
+               f"privacy.accountant={self.accountant!r} is unknown; choose one of {list(ACCOUNTANTS)} "
+               "(the GDP accountant can under-report and is not offered)")
+        _check(self.target_epsilon > 0, f"privacy.target_epsilon must be > 0 (got {self.target_epsilon}); try 8")
+        _check(0 <= self.delta < 1, f"privacy.delta must be in [0, 1) (got {self.delta}); 0 picks min(1e-5, 1/n)")
+        _check(self.noise_multiplier >= 0,
+               f"privacy.noise_multiplier must be >= 0 (got {self.noise_multiplier}); 0 calibrates it")
+        _check(self.max_grad_norm > 0, f"privacy.max_grad_norm must be > 0 (got {self.max_grad_norm}); try 1.0")
+        _check(self.horizon_rounds >= 0, f"privacy.horizon_rounds must be >= 0 (got {self.horizon_rounds})")
+        _check(self.max_physical_batch_size > 0,
+               f"privacy.max_physical_batch_size must be > 0 (got {self.max_physical_batch_size})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.name == "dp_sgd"
+
+
 @dataclass(frozen=True)
 class StrategySettings:
     """How the server combines the clients' adapters."""
@@ -220,6 +265,7 @@ class RunSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     seed: int = 0
     output_dir: str = "outputs/run"
