@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message, MessageType
 from flwr.client import Client, ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -54,7 +56,23 @@ class LoraClient(NumPyClient):
         result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed)
         metrics = {"train_loss": result.loss, "train_seconds": result.seconds,
                    "train_tokens": result.tokens, "client": self.partition_id}
-        return adapter_to_arrays(self.model), len(self.data.train), metrics
+        arrays = adapter_to_arrays(self.model)
+        if self.settings.secagg.enabled:
+            self.check_clipping_range(arrays)
+            # SecAgg+ quantizes on this side, in the arrays' dtype: float32 cannot resolve 2^30 levels (its
+            # 24-bit mantissa loses ~64 of them). Only the masked integers travel, so precision is free.
+            arrays = [a.astype(np.float64) for a in arrays]
+        # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
+        return arrays, min(len(self.data.train), self.settings.federation.max_client_weight), metrics
+
+    def check_clipping_range(self, arrays: list[np.ndarray]) -> None:
+        """Refuse to send values SecAgg+ would clip silently: the sum would be wrong without anyone knowing."""
+        largest = max(float(np.abs(a).max()) for a in arrays)
+        limit = self.settings.secagg.clipping_range
+        if largest > limit:
+            raise ValueError(f"client {self.partition_id}: an adapter value of {largest:.3g} lies outside "
+                             f"secagg.clipping_range={limit}, which SecAgg+ would clip silently; raise "
+                             f"secagg.clipping_range to at least {2 * largest:.3g} or lower train.learning_rate")
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         arrays_to_adapter(self.model, parameters)
@@ -63,15 +81,28 @@ class LoraClient(NumPyClient):
         return loss, tokens, {"perplexity": perplexity(loss), "client": self.partition_id}
 
 
-def build_client_app(settings: RunSettings | None = None) -> ClientApp:
-    """A ClientApp for `settings`, or (for `flwr run`) for the settings in the run config."""
+def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
+    """Run SecAgg+'s client side for training messages that carry its protocol stage; pass the rest through.
+
+    The server's settings decide whether a round is secure; the client follows the protocol it is sent.
+    """
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def build_client_app(settings: RunSettings | None = None, extra_mods: tuple = ()) -> ClientApp:
+    """A ClientApp for `settings`, or (for `flwr run`) for the settings in the run config.
+
+    `extra_mods` run before SecAgg+ (tests use them to inject faults at a given protocol stage).
+    """
 
     def client_fn(context: Context) -> Client:
         run_settings = settings or settings_from_run_config(context.run_config)
         partition_id = int(context.node_config.get("partition-id", 0))
         return LoraClient(run_settings, partition_id).to_client()
 
-    return ClientApp(client_fn=client_fn)
+    return ClientApp(client_fn=client_fn, mods=[*extra_mods, secagg_when_requested])
 
 
 app = build_client_app()

@@ -181,9 +181,11 @@ class FederationSettings:
     rounds: int = 10
     cpus_per_client: int = 1
     """CPU cores one client may use: its torch threads, and the simulation's parallelism hint."""
+    max_client_weight: int = 1000
+    """The most training sequences one client's update may count for in the weighted average."""
 
     def __post_init__(self) -> None:
-        for key in ("num_clients", "clients_per_round", "rounds", "cpus_per_client"):
+        for key in ("num_clients", "clients_per_round", "rounds", "cpus_per_client", "max_client_weight"):
             _check(getattr(self, key) > 0, f"federation.{key} must be > 0 (got {getattr(self, key)})")
         _check(self.clients_per_round <= self.num_clients,
                f"federation.clients_per_round ({self.clients_per_round}) exceeds federation.num_clients "
@@ -235,6 +237,45 @@ class PrivacySettings:
         return self.name == "dp_sgd"
 
 
+SECAGG_MODULUS = 2**40
+"""SecAgg+'s arithmetic modulus: room for 1,023 clients' sums at 2^30 levels, far from int64's limit."""
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Secure aggregation of the adapters with Flower's SecAgg+: the server learns only their weighted sum."""
+
+    name: str = "disabled"
+    """`secaggplus` or `disabled`."""
+    num_shares: int = 5
+    """Neighbours each client secret-shares with: a fixed odd number, so cost grows linearly with the cohort."""
+    reconstruction_threshold: int = 3
+    """Shares needed to unmask a client: how many neighbours may drop out (num_shares - threshold)."""
+    clipping_range: float = 8.0
+    """Adapter values must lie in [-c, c]; a client refuses (never clips silently) if one does not."""
+    quantization_range: int = 2**30
+    """Levels over [-c, c]: a step of 1.5e-8 at c = 8. Flower's default 2^22 (3.8e-6) is too coarse once a
+    value is scaled by a small weight (n / max_client_weight) before quantization: seen 3e-5 off plain FedAvg."""
+    timeout: float = 120.0
+    """Seconds a stage waits for replies; a slow client is dropped instead of blocking the round."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("disabled", "secaggplus"),
+               f"secagg={self.name!r} is unknown; choose secaggplus or disabled")
+        _check(self.num_shares >= 3 and self.num_shares % 2 == 1,
+               f"secagg.num_shares must be an odd whole number >= 3 (got {self.num_shares}); try 5")
+        _check(2 <= self.reconstruction_threshold <= self.num_shares,
+               f"secagg.reconstruction_threshold must be in [2, secagg.num_shares={self.num_shares}] "
+               f"(got {self.reconstruction_threshold}); try {self.num_shares // 2 + 1}")
+        _check(self.clipping_range > 0, f"secagg.clipping_range must be > 0 (got {self.clipping_range}); try 8.0")
+        _check(self.quantization_range >= 2, f"secagg.quantization_range must be >= 2 (got {self.quantization_range})")
+        _check(self.timeout > 0, f"secagg.timeout must be > 0 seconds (got {self.timeout}); try 120")
+
+    @property
+    def enabled(self) -> bool:
+        return self.name == "secaggplus"
+
+
 @dataclass(frozen=True)
 class StrategySettings:
     """How the server combines the clients' adapters."""
@@ -266,12 +307,28 @@ class RunSettings:
     federation: FederationSettings = field(default_factory=FederationSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     seed: int = 0
     output_dir: str = "outputs/run"
     """Where metrics, the adapter, the report and the prepared client data go."""
     cache_dir: str = ""
     """Where built base models are kept between runs; empty: $POLLINATE_CACHE or ~/.cache/pollinate."""
+
+    def __post_init__(self) -> None:
+        fed, secagg = self.federation, self.secagg
+        if secagg.enabled:
+            _check(fed.clients_per_round >= 2, "secagg=secaggplus needs federation.clients_per_round >= 2 "
+                   f"(got {fed.clients_per_round}): a sum of one update is that update")
+            shares = min(secagg.num_shares, fed.clients_per_round)
+            _check(secagg.reconstruction_threshold <= shares,
+                   f"secagg.reconstruction_threshold={secagg.reconstruction_threshold} exceeds the "
+                   f"{shares} shares a client can have with federation.clients_per_round={fed.clients_per_round}; "
+                   f"lower it to at most {shares}")
+            # Masked sums live modulo SECAGG_MODULUS: the sum of every client's quantized values must fit.
+            _check(fed.clients_per_round * secagg.quantization_range < SECAGG_MODULUS,
+                   f"federation.clients_per_round={fed.clients_per_round} x secagg.quantization_range="
+                   f"{secagg.quantization_range} overflows SecAgg+'s 2^40 modulus; lower the quantization range")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

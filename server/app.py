@@ -18,7 +18,7 @@ from fedlm.data import load_texts, pack_texts, prepare_federation
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings, settings_from_run_config
 from fedlm.training import evaluate, perplexity
-from server.loop import RoundLoop
+from server.loop import RoundLoop, build_fit_workflow
 from server.metering import MeteredGrid
 from server.recorder import RunRecorder
 from server.report import write_report
@@ -56,7 +56,7 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     metered = MeteredGrid(grid)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy)
     recorder = RunRecorder(out_dir, model, metered, settings.federation.rounds, settings.server.save_every)
-    RoundLoop(on_round_end=recorder)(metered, legacy)
+    RoundLoop(on_round_end=recorder, fit_workflow=build_fit_workflow(settings))(metered, legacy)
     report = write_report(out_dir)
     log(INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)
 

@@ -19,7 +19,10 @@ from flwr.server.workflow.default_workflows import (
     default_fit_workflow,
     default_init_params_workflow,
 )
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
+
+from fedlm.settings import SECAGG_MODULUS, RunSettings
 
 Workflow = Callable[[Grid, LegacyContext], None]
 RoundHook = Callable[[int, LegacyContext], None]
@@ -50,3 +53,19 @@ class RoundLoop:
         finally:
             stop.set()
             thread.join()
+
+
+def build_fit_workflow(settings: RunSettings) -> Workflow:
+    """The one place that chooses plain or secure (SecAgg+) aggregation for the fit step."""
+    secagg = settings.secagg
+    if not secagg.enabled:
+        return default_fit_workflow
+    return SecAggPlusWorkflow(
+        num_shares=secagg.num_shares,
+        reconstruction_threshold=secagg.reconstruction_threshold,
+        max_weight=float(settings.federation.max_client_weight),
+        clipping_range=secagg.clipping_range,
+        quantization_range=secagg.quantization_range,
+        modulus_range=SECAGG_MODULUS,
+        timeout=secagg.timeout,
+    )

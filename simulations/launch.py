@@ -68,8 +68,11 @@ def prepare(settings: RunSettings) -> None:
     (out_dir / "settings.json").write_text(json.dumps(json.loads(settings.to_json()), indent=2))
 
 
-def simulate(settings: RunSettings) -> RunOutcome:
-    """Prepare, then run the federation with one virtual SuperNode per client; returns the metrics rows."""
+def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
+    """Prepare, then run the federation with one virtual SuperNode per client; returns the metrics rows.
+
+    `client_mods` are extra Flower mods for every client (fault injection in tests).
+    """
     make_offline_safe()
     prepare(settings)
     from flwr.simulation import run_simulation
@@ -84,7 +87,7 @@ def simulate(settings: RunSettings) -> RunOutcome:
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=build_server_app(settings),
-            client_app=build_client_app(settings),
+            client_app=build_client_app(settings, client_mods),
             num_supernodes=fed.num_clients,
             backend_config={
                 "client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": 0.0},

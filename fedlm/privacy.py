@@ -1,0 +1,386 @@
+"""Sample-level DP-SGD on the adapter: noise calibration, accounting, a durable per-client ledger, Opacus steps."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleHooks
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
+from fedlm.training import TrainResult, sequence_losses
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no inter-process lock, the atomic write still holds
+    fcntl = None
+
+log = logging.getLogger(__name__)
+# The first LoRA layer's input (frozen embeddings) needs no gradient, so torch notes that the full backward
+# hook sees only output gradients: that is all Opacus' per-sample gradient of a linear layer needs.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                        "to module outputs", category=UserWarning)
+
+History = list[tuple[float, float, int]]
+"""(noise_multiplier, sample_rate, steps) entries of Poisson-subsampled Gaussian steps."""
+
+LEDGER_VERSION = 1
+_PRV_MAX_EPSILON = 100.0
+
+
+class BudgetExceeded(RuntimeError):
+    """A client's next round would take its lifetime epsilon past its target: it must not train."""
+
+
+def resolve_delta(settings: PrivacySettings, n_train: int) -> float:
+    """The configured delta, or min(1e-5, 1/n) for a client holding n training sequences."""
+    return settings.delta if settings.delta > 0 else min(1e-5, 1.0 / max(n_train, 1))
+
+
+def poisson_rate(train: TrainSettings, n_train: int) -> float:
+    """Each row's sampling probability, so that the expected Poisson batch is `train.batch_size`.
+
+    Raises:
+        ValueError: the client holds no training rows.
+    """
+    if n_train <= 0:
+        raise ValueError(f"a client needs training sequences for DP-SGD (got n_train={n_train})")
+    return min(1.0, train.batch_size / n_train)
+
+
+def _accountant_epsilon(history: History, delta: float, mechanism: str) -> float:
+    accountant = create_accountant(mechanism=mechanism)
+    accountant.history = history
+    # Both accountants warn loudly (numpy overflow, RDP order range) exactly where we fall back or give up.
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return float(accountant.get_epsilon(delta=delta))
+
+
+def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of the composition of `history` at `delta`: PRV (RDP where PRV fails), never GDP.
+
+    Raises:
+        ValueError: an unknown accountant.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant={accountant!r} is unknown; choose one of {list(ACCOUNTANTS)}")
+    # Composition does not depend on order: merging equal (noise, rate) entries makes 40 rounds of 30 steps
+    # discretise exactly like one run of 1,200 steps, and is faster.
+    merged: dict[tuple[float, float], int] = {}
+    for noise, rate, steps in history:
+        if steps > 0:
+            merged[(float(noise), float(rate))] = merged.get((float(noise), float(rate)), 0) + int(steps)
+    if not merged:
+        return 0.0
+    if any(noise <= 0 for noise, _ in merged):
+        return math.inf  # no noise: no guarantee at all
+    entries = [(noise, rate, steps) for (noise, rate), steps in merged.items()]
+    rdp = _accountant_epsilon(entries, delta, "rdp")
+    # Past this, PRV's grid takes seconds to minutes and then often overflows, for a budget that is void anyway.
+    if accountant == "rdp" or not rdp <= _PRV_MAX_EPSILON:
+        return rdp
+    try:
+        prv = _accountant_epsilon(entries, delta, "prv")
+    except Exception as err:  # PRV is numerically fragile; RDP is looser but always a valid bound
+        log.warning("PRV accountant failed (%s); using the RDP bound", err)
+        return rdp
+    return prv if math.isfinite(prv) else rdp
+
+
+def calibrate_noise(settings: PrivacySettings, *, sample_rate: float, steps: int, delta: float) -> float:
+    """The smallest noise multiplier (within 0.5% of the target epsilon) for `steps` steps at `sample_rate`.
+
+    Returns `settings.noise_multiplier` when one is set. Calibrate once over the client's whole horizon:
+    recalibrating per round to the full target multiplies the real lifetime epsilon. Same search as Opacus'
+    `get_noise_multiplier` (doubling, then bisection), but every evaluation goes through `epsilon_of`, so PRV
+    falls back to RDP per point instead of failing, or spending minutes, at the low-noise end.
+
+    Raises:
+        ValueError: steps <= 0.
+        ConfigError: the target epsilon cannot be met at any reasonable noise for this many steps.
+    """
+    if settings.noise_multiplier > 0:
+        return settings.noise_multiplier
+    if steps <= 0:
+        raise ValueError(f"calibration needs steps > 0 (got {steps})")
+    target, tolerance = settings.target_epsilon, min(0.01, 0.005 * settings.target_epsilon)
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([(sigma, sample_rate, steps)], delta, settings.accountant)
+
+    low, high = 0.0, 4.0
+    eps_high = eps(high)
+    while eps_high > target:
+        low, high = high, 2 * high
+        if high > 1e5:
+            raise ConfigError(f"privacy.target_epsilon={target} cannot be met over {steps} steps at sample rate "
+                              f"{sample_rate:.4g} (delta {delta:.3g}); raise it, or lower "
+                              "privacy.horizon_rounds, train.local_steps or train.batch_size")
+        eps_high = eps(high)
+    for _ in range(60):  # a float bisection; the cap only guards against a non-monotone numeric accountant
+        if target - eps_high <= tolerance:
+            break
+        mid = (low + high) / 2
+        eps_mid = eps(mid)
+        if eps_mid <= target:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
+
+
+class PrivacyLedger:
+    """A client's durable privacy account: one JSON file the client owns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- reading --------------------------------------------------------------------------------------
+    def _corrupt(self, reason: object) -> ConfigError:
+        return ConfigError(
+            f"privacy ledger {self.path} is unreadable or corrupt ({reason}). It records the privacy budget "
+            "this client has already spent: do not delete it lightly, since a new ledger starts again from "
+            "epsilon 0 and the client could exceed its lifetime budget. Restore it from a backup, or delete "
+            "it only if this client's data has never been trained on.")
+
+    def _load(self) -> dict:
+        try:
+            state = json.loads(self.path.read_text())
+            params, history = state["parameters"], state["history"]
+            if state["version"] != LEDGER_VERSION:
+                raise ValueError(f"version {state['version']!r}, this Pollinate reads {LEDGER_VERSION}")
+            numbers = ("noise_multiplier", "sample_rate", "delta", "target_epsilon")
+            if not all(isinstance(params[k], (int, float)) and params[k] > 0 for k in numbers):
+                raise ValueError("bad parameters")
+            if params["accountant"] not in ACCOUNTANTS or not isinstance(history, list):
+                raise ValueError("bad accountant or history")
+            for entry in history:
+                if not (isinstance(entry["key"], str) and isinstance(entry["steps"], int)
+                        and isinstance(entry["epsilon"], (int, float))
+                        and all(isinstance(entry[k], (int, float)) for k in ("noise_multiplier", "sample_rate"))):
+                    raise ValueError(f"bad history entry {entry!r}")
+        except FileNotFoundError:
+            raise RuntimeError(f"privacy ledger {self.path} does not exist: call open() first") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise self._corrupt(err) from None
+        return state
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self._load()["parameters"]["noise_multiplier"])
+
+    @property
+    def sample_rate(self) -> float:
+        return float(self._load()["parameters"]["sample_rate"])
+
+    @property
+    def delta(self) -> float:
+        return float(self._load()["parameters"]["delta"])
+
+    @property
+    def target_epsilon(self) -> float:
+        return float(self._load()["parameters"]["target_epsilon"])
+
+    @property
+    def epsilon(self) -> float:
+        """Cumulative epsilon over everything recorded (0 before the first record)."""
+        history = self._load()["history"]
+        return float(history[-1]["epsilon"]) if history else 0.0
+
+    @staticmethod
+    def _history(state: dict) -> History:
+        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in state["history"]]
+
+    def projected_epsilon(self, steps: int) -> float:
+        """The cumulative epsilon if `steps` more steps at the ledger's noise and rate were recorded."""
+        state = self._load()
+        params = state["parameters"]
+        history = self._history(state) + [(params["noise_multiplier"], params["sample_rate"], steps)]
+        return epsilon_of(history, params["delta"], params["accountant"])
+
+    def has_spent(self, key: str) -> bool:
+        """Whether the instruction `key` (e.g. "run:round") has already been recorded."""
+        return any(entry["key"] == key for entry in self._load()["history"])
+
+    # -- writing --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        """An exclusive lock on the ledger's directory (two processes never interleave a read-modify-write)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            if fcntl is not None:
+                fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            yield dir_fd
+        finally:
+            os.close(dir_fd)  # releases the lock
+
+    def _write(self, state: dict, dir_fd: int) -> None:
+        # A crash at any point leaves either the old or the new file, never a torn one.
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.fsync(dir_fd)  # make the rename itself durable
+
+    def open(self, *, noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float,
+             accountant: str) -> None:
+        """Create the ledger with these parameters, or keep the stored ones if it exists.
+
+        The parameters are fixed for the client's lifetime: later calls never change them, so callers
+        must use `ledger.noise_multiplier` etc. rather than what they passed.
+
+        Raises:
+            ValueError: invalid parameters for a new ledger.
+            ConfigError: the existing file is corrupt.
+        """
+        with self._locked() as dir_fd:
+            if self.path.exists():
+                stored = self._load()["parameters"]
+                if stored["noise_multiplier"] != noise_multiplier or stored["sample_rate"] != sample_rate:
+                    log.info("privacy ledger %s keeps its lifetime parameters (noise %.4g, rate %.4g)",
+                             self.path, stored["noise_multiplier"], stored["sample_rate"])
+                return
+            if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and 0 < delta < 1 and target_epsilon > 0):
+                raise ValueError(f"invalid ledger parameters: noise_multiplier={noise_multiplier}, "
+                                 f"sample_rate={sample_rate}, delta={delta}, target_epsilon={target_epsilon}")
+            if accountant not in ACCOUNTANTS:
+                raise ValueError(f"accountant={accountant!r} is unknown; choose one of {list(ACCOUNTANTS)}")
+            params = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
+                      "delta": float(delta), "target_epsilon": float(target_epsilon), "accountant": accountant}
+            self._write({"version": LEDGER_VERSION, "parameters": params, "history": []}, dir_fd)
+
+    def record(self, key: str, steps: int) -> float:
+        """Append `steps` steps at the ledger's noise and rate under `key`; returns the new cumulative epsilon.
+
+        Record before releasing the update that spent them: a crash then over-counts, never under-counts.
+
+        Raises:
+            ValueError: `key` is already recorded (never spent twice), or steps < 0.
+            ConfigError: the file is corrupt.
+        """
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0 (got {steps})")
+        with self._locked() as dir_fd:
+            state = self._load()  # re-read under the lock: another process may have recorded since
+            if any(entry["key"] == key for entry in state["history"]):
+                raise ValueError(f"privacy ledger {self.path} already holds {key!r}: it is never spent twice")
+            params = state["parameters"]
+            history = self._history(state) + [(params["noise_multiplier"], params["sample_rate"], steps)]
+            eps = epsilon_of(history, params["delta"], params["accountant"])
+            state["history"].append({"key": key, "noise_multiplier": params["noise_multiplier"],
+                                     "sample_rate": params["sample_rate"], "steps": int(steps), "epsilon": eps})
+            self._write(state, dir_fd)
+        return eps
+
+
+def poisson_batches(n_rows: int, sample_rate: float, steps: int, seed: int) -> list[torch.Tensor]:
+    """The rows of each step: every row joins a step independently with probability `sample_rate`."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nonzero(torch.rand(n_rows, generator=generator) < sample_rate).flatten() for _ in range(steps)]
+
+
+def _remove_opacus_state(model: nn.Module, params: list[nn.Parameter]) -> None:
+    # GradSampleHooks.cleanup() leaves the DPOptimizer's summed_grad and, after a failed pass, captured
+    # activations on modules: stale ones would be popped by the next round's hooks.
+    for p in params:
+        for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+    for module in model.modules():
+        for attr in ("activations", "max_batch_len"):
+            if attr in module.__dict__:
+                delattr(module, attr)
+
+
+def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.Tensor, train: TrainSettings,
+                   privacy: PrivacySettings, *, noise_multiplier: float, sample_rate: float, seed: int,
+                   make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                   ) -> TrainResult:
+    """Run `train.local_steps` DP-SGD steps (Opacus, per-sequence clipping) on the trainable parameters.
+
+    Batches are Poisson samples (rate `sample_rate`, rows drawn from `seed`); each step adds Gaussian noise of
+    std `noise_multiplier * privacy.max_grad_norm` to the sum of clipped per-sequence gradients and divides by
+    the expected batch size. The caller accounts the steps (PrivacyLedger.record). `make_optimizer` defaults
+    to AdamW as in `train_local`; the model is left as it was found (no hooks, no per-sample state).
+
+    Raises:
+        ValueError: an invalid sample rate or noise multiplier, or nothing to train.
+        RuntimeError: the adapter did not move after the first step (opacus issue 820).
+    """
+    n = len(train_ids)
+    if not (0 < sample_rate <= 1 and noise_multiplier >= 0 and n > 0):
+        raise ValueError(f"DP-SGD needs 0 < sample_rate <= 1, noise_multiplier >= 0 and rows "
+                         f"(got {sample_rate}, {noise_multiplier}, {n} rows)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: apply a LoRA adapter first")
+    base = (make_optimizer(params) if make_optimizer else
+            torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay))
+    # Noise must not be reproducible from `seed`, which other parties may know: they could subtract it.
+    noise_rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    optimizer = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                            expected_batch_size=max(1, round(sample_rate * n)), loss_reduction="mean",
+                            generator=noise_rng)
+    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean")
+    model.train()
+    start, losses, sequences, tokens, checked = time.perf_counter(), [], 0, 0, False
+    try:
+        for rows in poisson_batches(n, sample_rate, train.local_steps, seed):
+            before = None if checked else [p.detach().clone() for p in params]
+            optimizer.zero_grad(set_to_none=True)
+            if len(rows) == 0:
+                # An HF forward pass fails on an empty batch; zero per-sample gradients make the step noise only,
+                # which is exactly the mechanism the accountant charges for.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                optimizer.step()
+            else:
+                chunks = rows.split(privacy.max_physical_batch_size)
+                step_loss = 0.0
+                for i, chunk in enumerate(chunks):
+                    per_seq = sequence_losses(model, train_ids[chunk], train_mask[chunk])
+                    per_seq.mean().backward()  # "mean" matches the hooks: per-sample grads are unscaled
+                    step_loss += float(per_seq.detach().sum())
+                    tokens += int(train_mask[chunk].sum())
+                    if i < len(chunks) - 1:
+                        optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only: one logical step
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss / len(rows))
+                sequences += len(rows)
+            if before is not None and (noise_multiplier > 0 or len(rows) > 0):
+                checked = True
+                if all(torch.equal(p.detach(), b) for p, b in zip(params, before)):
+                    raise RuntimeError(
+                        "DP-SGD step left every adapter weight unchanged (opacus issue 820): the optimizer does "
+                        "not hold the model's parameters; move the model to its device and dtype before "
+                        "get_peft_model and before training")
+    finally:
+        hooks.cleanup()
+        _remove_opacus_state(model, params)
+    return TrainResult(loss=sum(losses) / len(losses) if losses else math.nan, steps=train.local_steps,
+                       sequences=sequences, tokens=tokens, seconds=time.perf_counter() - start)
