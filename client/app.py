@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from transformers import PreTrainedTokenizerBase
 from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
 from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
+from fedlm.privacy import (DECLINES, BudgetExceeded, PrivacyLedger, calibrate_noise, poisson_rate,
+                           resolve_delta, train_local_dp)
 from fedlm.settings import LoraSettings, ModelSettings, RunSettings, settings_from_run_config
-from fedlm.training import evaluate, perplexity, train_local
+from fedlm.training import TrainResult, evaluate, perplexity, train_local
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,12 +41,22 @@ def simulation_data(output_dir: str, partition_id: int) -> ClientData:
 class LoraClient(NumPyClient):
     """Trains the shared adapter on local data; only adapter tensors and counts ever leave."""
 
-    def __init__(self, settings: RunSettings, partition_id: int) -> None:
+    def __init__(self, settings: RunSettings, partition_id: int, node_config: dict, run_id: int = 0) -> None:
         self.settings = settings
         self.partition_id = partition_id
+        self.node_config = node_config
+        self.run_id = run_id
         torch.set_num_threads(settings.federation.cpus_per_client)
         self.model, _ = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir)
         self.data = simulation_data(settings.output_dir, partition_id)
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The file this client keeps its privacy spend in: the device's state directory, or the run's."""
+        state_dir = self.node_config.get("state-dir")
+        if state_dir:
+            return PrivacyLedger(Path(str(state_dir)) / "privacy_ledger.json")
+        return PrivacyLedger(Path(self.settings.output_dir) / "privacy" / f"client_{self.partition_id}.json")
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return adapter_to_arrays(self.model)
@@ -51,11 +64,16 @@ class LoraClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         arrays_to_adapter(self.model, parameters)
         server_round = int(config.get("round", 0))
-        # A distinct, reproducible stream per (run seed, round, client).
-        seed = self.settings.seed * 1_000_003 + server_round * 1_009 + self.partition_id
-        result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed)
-        metrics = {"train_loss": result.loss, "train_seconds": result.seconds,
-                   "train_tokens": result.tokens, "client": self.partition_id}
+        if self.settings.privacy.enabled:
+            result, metrics = self.train_private(server_round)
+        else:
+            self.check_privacy_floor(None)
+            # A distinct, reproducible stream per (run seed, round, client).
+            seed = self.settings.seed * 1_000_003 + server_round * 1_009 + self.partition_id
+            result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed)
+            metrics = {}
+        metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
+                    "train_tokens": result.tokens, "client": self.partition_id}
         arrays = adapter_to_arrays(self.model)
         if self.settings.secagg.enabled:
             self.check_clipping_range(arrays)
@@ -64,6 +82,59 @@ class LoraClient(NumPyClient):
             arrays = [a.astype(np.float64) for a in arrays]
         # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
         return arrays, min(len(self.data.train), self.settings.federation.max_client_weight), metrics
+
+    def train_private(self, server_round: int) -> tuple[TrainResult, dict]:
+        """DP-SGD within the client's lifetime budget; the spend is on disk before the update leaves.
+
+        Raises:
+            BudgetExceeded: this round would take the client past its budget, or it already trained it.
+        """
+        privacy, train, n = self.settings.privacy, self.settings.train, len(self.data.train)
+        ledger, key = self.ledger, f"run {self.run_id} round {server_round}"
+        if ledger.path.exists():
+            self.check_privacy_floor(ledger.noise_multiplier)
+        else:  # first round ever: fix the noise once, for the whole horizon
+            rate, delta = poisson_rate(train, n), resolve_delta(privacy, n)
+            horizon = (privacy.horizon_rounds or self.settings.federation.rounds) * train.local_steps
+            noise = calibrate_noise(privacy, sample_rate=rate, steps=horizon, delta=delta)
+            self.check_privacy_floor(noise)
+            ledger.open(noise_multiplier=noise, sample_rate=rate, delta=delta,
+                        target_epsilon=privacy.target_epsilon, accountant=privacy.accountant)
+        if ledger.has_spent(key):
+            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: it already trained {key} (an instruction "
+                                 "delivered twice is never spent twice)")
+        projected = ledger.projected_epsilon(train.local_steps)
+        if projected > ledger.target_epsilon:
+            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: it would take its epsilon from "
+                                 f"{ledger.epsilon:.3f} to {projected:.3f}, past its lifetime budget "
+                                 f"{ledger.target_epsilon:g}")
+        # Poisson sampling must stay secret (amplification by subsampling assumes it), so it is not drawn
+        # from the run's public seed.
+        result = train_local_dp(self.model, self.data.train, self.data.train_mask, train, privacy,
+                                noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate,
+                                seed=secrets.randbits(63))
+        epsilon = ledger.record(key, train.local_steps)
+        return result, {"epsilon": epsilon, "delta": ledger.delta, "noise_multiplier": ledger.noise_multiplier}
+
+    def check_privacy_floor(self, noise_multiplier: float | None) -> None:
+        """A device may demand at least some privacy (node config); a run asking for less is refused.
+
+        Raises:
+            BudgetExceeded: naming the run's setting and the device's floor.
+        """
+        max_epsilon, min_noise = self.node_config.get("max-epsilon"), self.node_config.get("min-noise-multiplier")
+        target = self.settings.privacy.target_epsilon
+        refusal = None
+        if noise_multiplier is None and (max_epsilon is not None or min_noise is not None):
+            refusal = "the run has privacy=disabled but this device requires differential privacy"
+        elif max_epsilon is not None and target > float(max_epsilon):
+            refusal = (f"the run's privacy.target_epsilon={target:g} exceeds this device's "
+                       f"max-epsilon={float(max_epsilon):g}")
+        elif min_noise is not None and noise_multiplier < float(min_noise):
+            refusal = (f"the run's noise multiplier {noise_multiplier:.3g} (from privacy.target_epsilon={target:g}) "
+                       f"is below this device's min-noise-multiplier={float(min_noise):g}")
+        if refusal:
+            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: {refusal}")
 
     def check_clipping_range(self, arrays: list[np.ndarray]) -> None:
         """Refuse to send values SecAgg+ would clip silently: the sum would be wrong without anyone knowing."""
@@ -100,7 +171,7 @@ def build_client_app(settings: RunSettings | None = None, extra_mods: tuple = ()
     def client_fn(context: Context) -> Client:
         run_settings = settings or settings_from_run_config(context.run_config)
         partition_id = int(context.node_config.get("partition-id", 0))
-        return LoraClient(run_settings, partition_id).to_client()
+        return LoraClient(run_settings, partition_id, dict(context.node_config), context.run_id).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*extra_mods, secagg_when_requested])
 

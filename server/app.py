@@ -57,7 +57,7 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy)
     recorder = RunRecorder(out_dir, model, metered, settings.federation.rounds, settings.server.save_every)
     RoundLoop(on_round_end=recorder, fit_workflow=build_fit_workflow(settings))(metered, legacy)
-    report = write_report(out_dir)
+    report = write_report(out_dir, settings)
     log(INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)
 
 

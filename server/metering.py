@@ -7,6 +7,8 @@ from typing import Iterable
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
+from fedlm.privacy import DECLINES
+
 
 def payload_bytes(message: Message) -> int:
     """Bytes of tensors and binary config values in a message (what dominates what goes on the wire)."""
@@ -30,6 +32,8 @@ class MeteredGrid(Grid):
         self.bytes_up = 0
         self.train_nodes: set[int] = set()
         """Clients that were sent training instructions."""
+        self.declined_nodes: set[int] = set()
+        """Clients that declined to train (privacy budget or floor): non-participants, not failures."""
 
     def _sent(self, messages: list[Message]) -> None:
         self.bytes_down += sum(payload_bytes(m) for m in messages)
@@ -52,6 +56,11 @@ class MeteredGrid(Grid):
     def get_nodes(self):
         return self._grid.get_nodes()
 
+    def _received(self, replies: list[Message]) -> None:
+        self.bytes_up += sum(payload_bytes(m) for m in replies)
+        self.declined_nodes.update(m.metadata.src_node_id for m in replies
+                                   if m.has_error() and DECLINES in (m.error.reason or ""))
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self._sent(messages)
@@ -59,12 +68,12 @@ class MeteredGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._grid.pull_messages(message_ids))
-        self.bytes_up += sum(payload_bytes(m) for m in replies)
+        self._received(replies)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self._sent(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.bytes_up += sum(payload_bytes(m) for m in replies)
+        self._received(replies)
         return replies

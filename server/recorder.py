@@ -73,16 +73,21 @@ class RunRecorder:
             "eval_clients": evaluation.get("eval_clients"),
             "clients_sampled": len(self.grid.train_nodes),
             "clients_ok": fit.get("clients_ok", 0),
+            "clients_declined": len(self.grid.declined_nodes),
             "bytes_down": self.grid.bytes_down - down,
             "bytes_up": self.grid.bytes_up - up,
             "seconds": round(now - self._clock, 3),
             "client_train_seconds": fit.get("client_train_seconds"),
         }
+        for key in ("epsilon_max", "epsilon_mean", "delta"):
+            if fit.get(key) is not None:
+                row[key] = fit[key]
         if central_loss is not None:
             row["central_loss"] = central_loss
             row["central_perplexity"] = perplexity(central_loss)
         self._clock, self._bytes = now, (self.grid.bytes_down, self.grid.bytes_up)
         self.grid.train_nodes.clear()
+        self.grid.declined_nodes.clear()
         return row
 
 
@@ -95,7 +100,10 @@ def progress_line(row: dict[str, Any], rounds: int) -> str:
         parts.append(f"held-out loss {row['eval_loss']:.3f} ppl {row['eval_perplexity']:.1f}")
     if "central_perplexity" in row:
         parts.append(f"central ppl {row['central_perplexity']:.1f}")
+    if "epsilon_max" in row:
+        parts.append(f"epsilon max {row['epsilon_max']:.2f}")
     if row["round"]:
-        parts.append(f"{row['clients_ok']}/{row['clients_sampled']} clients")
+        declined = f", {row['clients_declined']} declined" if row["clients_declined"] else ""
+        parts.append(f"{row['clients_ok']}/{row['clients_sampled']} clients{declined}")
     parts.append(f"{row['seconds']:.1f} s")
     return " | ".join(parts)

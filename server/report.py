@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: runs on servers with no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedlm.settings import RunSettings  # noqa: E402
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -32,14 +34,35 @@ def _plot(rows: list[dict], series: dict[str, str], ylabel: str, path: Path, log
     plt.close(fig)
 
 
-def write_report(run_dir: Path, title: str = "Pollinate run") -> Path:
-    """Write report.md, loss.png and perplexity.png into `run_dir`; returns the report's path."""
+def privacy_lines(rows: list[dict], settings: RunSettings) -> list[str]:
+    """What the privacy guarantee is, in figures, and its plot."""
+    privacy = settings.privacy
+    if not privacy.enabled:
+        return ["Differential privacy: **off** (`privacy=disabled`): client updates carry no formal guarantee.", ""]
+    spent = [r for r in rows if r.get("epsilon_max") is not None]
+    last = spent[-1] if spent else {}
+    declined = sum(r.get("clients_declined", 0) for r in rows)
+    return [
+        f"Differential privacy: DP-SGD on every client (sample-level: the privacy unit is one training sequence of "
+        f"up to {settings.dataset.seq_len} tokens), lifetime budget epsilon = {privacy.target_epsilon:g} per "
+        f"client, delta = {last.get('delta', float('nan')):.2g}, per-sequence clipping norm "
+        f"{privacy.max_grad_norm:g}, {privacy.accountant.upper()} accounting. After round {last.get('round', 0)} "
+        f"the clients' cumulative epsilon is at most **{last.get('epsilon_max', 0):.3f}** "
+        f"(mean {last.get('epsilon_mean', 0):.3f}); {declined} training requests were declined to stay "
+        "within budget.", "", "![epsilon](epsilon.png)", ""]
+
+
+def write_report(run_dir: Path, settings: RunSettings, title: str = "Pollinate run") -> Path:
+    """Write report.md and its PNG plots into `run_dir`; returns the report's path."""
     rows = read_metrics(run_dir)
     _plot(rows, {"train_loss": "train (per-sequence)", "eval_loss": "held-out (federated)",
                  "central_loss": "held-out (central)"}, "loss", run_dir / "loss.png")
     _plot(rows, {"eval_perplexity": "held-out, all clients", "eval_perplexity_worst": "held-out, worst client",
                  "central_perplexity": "held-out, central"}, "perplexity", run_dir / "perplexity.png",
           log_scale=True)
+    if settings.privacy.enabled:
+        _plot(rows, {"epsilon_max": "max over clients that trained", "epsilon_mean": "mean over them"},
+              "cumulative epsilon", run_dir / "epsilon.png")
     first, last = rows[0], rows[-1]
     change = 100 * (last["eval_perplexity"] / first["eval_perplexity"] - 1)
     total_seconds = sum(r["seconds"] for r in rows)
@@ -48,7 +71,8 @@ def write_report(run_dir: Path, title: str = "Pollinate run") -> Path:
         f"Held-out perplexity (federated evaluation on every client's own held-out split): "
         f"**{first['eval_perplexity']:.2f} at round 0 (base model) -> {last['eval_perplexity']:.2f} after round "
         f"{last['round']}** ({change:+.1f} %). Wall time {total_seconds:.0f} s.", "",
-        "| round | train loss | held-out loss | held-out ppl | worst client ppl | clients ok/sampled "
+        *privacy_lines(rows, settings),
+        "| round | train loss | held-out loss | held-out ppl | worst client ppl | clients ok/sampled (declined) "
         "| MB down | MB up | seconds |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -56,7 +80,7 @@ def write_report(run_dir: Path, title: str = "Pollinate run") -> Path:
         train = "" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
         worst = "" if r.get("eval_perplexity_worst") is None else f"{r['eval_perplexity_worst']:.2f}"
         lines.append(f"| {r['round']} | {train} | {r['eval_loss']:.3f} | {r['eval_perplexity']:.2f} | {worst} "
-                     f"| {r['clients_ok']}/{r['clients_sampled']} | {r['bytes_down'] / 1e6:.2f} "
+                     f"| {r['clients_ok']}/{r['clients_sampled']} ({r.get('clients_declined', 0)}) | {r['bytes_down'] / 1e6:.2f} "
                      f"| {r['bytes_up'] / 1e6:.2f} | {r['seconds']:.1f} |")
     if any("central_perplexity" in r for r in rows):
         lines += ["", "Central evaluation (server-side data): " + ", ".join(

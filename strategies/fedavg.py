@@ -15,14 +15,19 @@ if TYPE_CHECKING:
 
 
 def fit_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
-    """Example-weighted train loss, plus the clients' summed training time and tokens."""
+    """Example-weighted train loss, the clients' summed training time and tokens, and their privacy spend."""
     total = sum(n for n, _ in results)
-    return {
+    metrics = {
         "train_loss": sum(n * float(m["train_loss"]) for n, m in results) / total,
         "client_train_seconds": sum(float(m["train_seconds"]) for _, m in results),
         "train_tokens": sum(int(m["train_tokens"]) for _, m in results),
         "clients_ok": len(results),
     }
+    epsilons = [float(m["epsilon"]) for _, m in results if "epsilon" in m]
+    if epsilons:  # each is that client's cumulative spend over every round it joined
+        metrics |= {"epsilon_max": max(epsilons), "epsilon_mean": sum(epsilons) / len(epsilons),
+                    "delta": max(float(m["delta"]) for _, m in results if "delta" in m)}
+    return metrics
 
 
 def eval_metrics(results: list[tuple[int, Metrics]]) -> Metrics:

@@ -1,0 +1,303 @@
+"""DP-SGD on the adapter (clipping, noise, empty batches, reuse), noise calibration and the privacy ledger."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting.pld import PLDAccountant
+from opacus.optimizers import DPOptimizer
+
+import fedlm.privacy as privacy_mod
+from fedlm.model import apply_lora, load_base_model
+from fedlm.privacy import (PrivacyLedger, calibrate_noise, epsilon_of, poisson_batches, poisson_rate,
+                           resolve_delta, train_local_dp)
+from fedlm.settings import ConfigError, LoraSettings, ModelSettings, PrivacySettings, TrainSettings
+from fedlm.training import sequence_losses, train_local
+
+DP = PrivacySettings(name="dp_sgd", max_grad_norm=1.0, max_physical_batch_size=4)
+
+
+@pytest.fixture()
+def model(tiny_llama_dir):
+    base, _ = load_base_model(ModelSettings(name_or_path=str(tiny_llama_dir)))
+    lora = apply_lora(base, LoraSettings(r=4), seed=0)
+    with torch.no_grad():  # LoRA starts with B = 0, where every A gradient is 0: give B a value so A is tested too
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return lora
+
+
+@pytest.fixture()
+def data():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 300, (6, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[4, 5:] = 0  # sequences of different lengths: each still weighs one
+    return ids, mask
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def sgd(lr):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def one_step(model, data, noise, clip=1.0, lr=0.5):
+    """One logical step over all 6 rows (rate 1) in physical chunks of 4 + 2; returns the update."""
+    before = trainable(model)
+    train_local_dp(model, *data, TrainSettings(local_steps=1, batch_size=6),
+                   PrivacySettings(name="dp_sgd", max_grad_norm=clip, max_physical_batch_size=4),
+                   noise_multiplier=noise, sample_rate=1.0, seed=0, make_optimizer=sgd(lr))
+    after = trainable(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(before[n])  # so the next call starts from the same point
+    return {n: after[n] - before[n] for n in before}
+
+
+def per_sequence_grads(model, ids, mask):
+    """Reference per-sequence gradients: one sequence at a time, plain autograd, no Opacus."""
+    model.train()
+    out = []
+    for i in range(len(ids)):
+        model.zero_grad(set_to_none=True)
+        sequence_losses(model, ids[i:i + 1], mask[i:i + 1]).mean().backward()
+        out.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def flat_norm(grads):
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+def test_dp_steps_move_every_adapter_tensor_and_never_a_base_weight(model):
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = trainable(model)
+    ids = torch.randint(2, 300, (12, 16), generator=torch.Generator().manual_seed(3))
+    result = train_local_dp(model, ids, torch.ones_like(ids), TrainSettings(local_steps=3, batch_size=6), DP,
+                            noise_multiplier=1.0, sample_rate=0.5, seed=7)
+    assert all(not torch.equal(p, lora[n]) for n, p in trainable(model).items())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    used = sum(len(rows) for rows in poisson_batches(12, 0.5, 3, seed=7))
+    assert (result.steps, result.sequences, result.tokens) == (3, used, used * 16)
+    assert math.isfinite(result.loss) and result.loss > 0
+
+
+def test_noiseless_update_is_the_mean_of_clipped_per_sequence_gradients(model, data, monkeypatch):
+    reference = per_sequence_grads(model, *data)
+    norms = [flat_norm(g) for g in reference]
+    clip = sorted(norms)[3]  # some sequences are clipped, some are not
+    seen = []
+    original = DPOptimizer.clip_and_accumulate
+
+    def spy(self):  # Opacus' own per-sample gradients, as the optimizer is about to clip them
+        seen.extend(torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in self.grad_samples], 1).norm(dim=1))
+        original(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    lr = 0.5
+    update = one_step(model, data, noise=0.0, clip=clip, lr=lr)
+    # Rate 1 takes rows 0..5 in order, as two physical chunks forming one step.
+    torch.testing.assert_close(torch.stack(seen).double(), torch.tensor(norms, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-7)
+    factors = [min(1.0, clip / (n + 1e-6)) for n in norms]  # Opacus' clipping rule
+    assert all(f * n <= clip + 1e-6 for f, n in zip(factors, norms))
+    assert min(factors) < 1.0 and max(factors) == 1.0
+    for name, got in update.items():
+        want = -lr * sum(f * g[name] for f, g in zip(factors, reference)) / len(reference)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    unclipped = -lr * sum(g["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+                          for g in reference) / len(reference)
+    assert not torch.allclose(update["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"],
+                              unclipped, rtol=1e-3, atol=1e-6)
+
+
+def test_noise_changes_the_update_with_the_calibrated_std_and_is_not_reproducible_from_the_seed(model, data):
+    lr, noise, clip = 0.5, 1.0, 0.01
+    clean = one_step(model, data, noise=0.0, clip=clip, lr=lr)
+    noisy = one_step(model, data, noise=noise, clip=clip, lr=lr)
+    again = one_step(model, data, noise=noise, clip=clip, lr=lr)
+    diff = torch.cat([(noisy[n] - clean[n]).flatten() for n in clean])
+    # Each coordinate gets lr * N(0, (noise * C)^2) / expected batch.
+    std = (diff / (lr * noise * clip / 6)).std().item()
+    assert 0.9 < std < 1.1
+    assert not all(torch.equal(noisy[n], again[n]) for n in noisy)  # same seed, fresh noise
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step(model, data):
+    before = trainable(model)
+    result = train_local_dp(model, *data, TrainSettings(local_steps=2), DP, noise_multiplier=1.0,
+                            sample_rate=1e-9, seed=0)
+    assert (result.steps, result.sequences, result.tokens) == (2, 0, 0) and math.isnan(result.loss)
+    assert all(not torch.equal(p, before[n]) for n, p in trainable(model).items())
+    train_local_dp(model, *data, TrainSettings(local_steps=2), DP, noise_multiplier=0.0, sample_rate=1e-9, seed=0)
+
+
+def test_the_same_model_trains_again_with_and_without_dp(model, data):
+    flags = [p.requires_grad for p in model.parameters()]
+    hooks = [(len(m._forward_hooks), len(m._backward_hooks)) for m in model.modules()]
+    for seed in (1, 2):
+        train_local_dp(model, *data, TrainSettings(local_steps=2, batch_size=3), DP, noise_multiplier=0.5,
+                       sample_rate=0.5, seed=seed)
+        assert [p.requires_grad for p in model.parameters()] == flags
+        assert [(len(m._forward_hooks), len(m._backward_hooks)) for m in model.modules()] == hooks
+        assert not hasattr(model, "autograd_grad_sample_hooks")
+        assert not any(hasattr(p, a) for p in model.parameters() for a in ("grad_sample", "summed_grad"))
+        assert not any("activations" in m.__dict__ for m in model.modules())
+    before = trainable(model)
+    assert math.isfinite(train_local(model, *data, TrainSettings(local_steps=1, batch_size=3), seed=0).loss)
+    assert any(not torch.equal(p, before[n]) for n, p in trainable(model).items())
+
+
+def test_an_adapter_that_never_moves_is_an_error_and_leaves_no_hooks(model, data):
+    with pytest.raises(RuntimeError, match="issue 820"):
+        train_local_dp(model, *data, TrainSettings(local_steps=2), DP, noise_multiplier=1.0, sample_rate=1.0,
+                       seed=0, make_optimizer=sgd(0.0))
+    assert not hasattr(model, "autograd_grad_sample_hooks")
+    train_local_dp(model, *data, TrainSettings(local_steps=1), DP, noise_multiplier=1.0, sample_rate=1.0, seed=0)
+
+
+# -- accounting ------------------------------------------------------------------------------------------
+
+def pld_epsilon(noise, rate, steps, delta):
+    """Google's dp_accounting PLD accountant: independent of Opacus."""
+    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
+    accountant = PLDAccountant(value_discretization_interval=1e-4)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return accountant.get_epsilon(delta)
+
+
+def test_delta_and_rate_defaults():
+    assert resolve_delta(PrivacySettings(), 1000) == 1e-5
+    assert resolve_delta(PrivacySettings(), 50) == 1e-5
+    assert resolve_delta(PrivacySettings(delta=1e-6), 50) == 1e-6
+    assert resolve_delta(PrivacySettings(), 10_000_000) == 1e-7
+    assert poisson_rate(TrainSettings(batch_size=8), 400) == 0.02
+    assert poisson_rate(TrainSettings(batch_size=8), 5) == 1.0
+
+
+def test_epsilon_of_matches_an_independent_accountant_and_falls_back_to_rdp(monkeypatch):
+    assert epsilon_of([], 1e-5) == 0.0
+    prv = epsilon_of([(1.0, 0.1, 50), (1.0, 0.1, 50)], 1e-5)
+    assert abs(prv - pld_epsilon(1.0, 0.1, 100, 1e-5)) < 1e-2
+    rdp = epsilon_of([(1.0, 0.1, 100)], 1e-5, "rdp")
+    assert rdp > prv
+    # Where epsilon is absurd anyway, PRV would take minutes and overflow: the RDP bound is used at once.
+    absurd = [(0.3, 0.5, 1000)]
+    assert epsilon_of(absurd, 1e-5) == epsilon_of(absurd, 1e-5, "rdp") > 1000
+
+    real = privacy_mod.create_accountant
+
+    def prv_overflows(mechanism):
+        if mechanism == "prv":
+            raise OverflowError("simulated PRV overflow")
+        return real(mechanism)
+
+    monkeypatch.setattr(privacy_mod, "create_accountant", prv_overflows)
+    assert epsilon_of([(1.0, 0.1, 100)], 1e-5) == rdp
+
+
+def test_calibrated_noise_meets_the_target_closely_and_grows_with_the_horizon():
+    settings = PrivacySettings(name="dp_sgd", target_epsilon=3.0)
+    short = calibrate_noise(settings, sample_rate=0.1, steps=100, delta=1e-5)
+    eps = epsilon_of([(short, 0.1, 100)], 1e-5)
+    assert 0.98 * 3.0 <= eps <= 3.0
+    assert abs(pld_epsilon(short, 0.1, 100, 1e-5) - eps) < 1e-2
+    assert calibrate_noise(settings, sample_rate=0.1, steps=400, delta=1e-5) > short
+    fixed = PrivacySettings(name="dp_sgd", noise_multiplier=0.7)
+    assert calibrate_noise(fixed, sample_rate=0.1, steps=400, delta=1e-5) == 0.7
+
+
+# -- ledger ----------------------------------------------------------------------------------------------
+
+PARAMS = dict(noise_multiplier=1.0, sample_rate=0.25, delta=1e-5, target_epsilon=20.0, accountant="prv")
+
+
+def test_ledger_composes_rounds_exactly_across_restarts_and_processes(tmp_path):
+    path = tmp_path / "client" / "ledger.json"
+    PrivacyLedger(path).open(**PARAMS)
+    for rnd in (1, 2):
+        ledger = PrivacyLedger(path)  # a fresh object each round, as after a restart
+        ledger.open(**PARAMS)
+        ledger.record(f"run:{rnd}", 10)
+    projected = PrivacyLedger(path).projected_epsilon(10)
+    code = ("import sys; from pathlib import Path; from fedlm.privacy import PrivacyLedger; "
+            "l = PrivacyLedger(Path(sys.argv[1])); "
+            "l.open(noise_multiplier=9.0, sample_rate=0.5, delta=1e-3, target_epsilon=1.0, accountant='rdp'); "
+            "print(l.record('run:3', 10))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(projected, abs=1e-9)
+    ledger = PrivacyLedger(path)
+    want = pld_epsilon(1.0, 0.25, 30, 1e-5)
+    assert -1e-3 <= ledger.epsilon - want <= 1e-2  # never under the exact value, at most 0.01 over
+    stored = json.loads(path.read_text())
+    assert stored["version"] == 1 and stored["parameters"]["noise_multiplier"] == 1.0
+    assert [e["key"] for e in stored["history"]] == ["run:1", "run:2", "run:3"]
+    assert stored["history"][0]["epsilon"] < stored["history"][1]["epsilon"] < stored["history"][2]["epsilon"]
+
+
+def test_an_instruction_delivered_twice_is_spent_once(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    ledger.open(**PARAMS)
+    eps = ledger.record("run:1", 10)
+    assert ledger.has_spent("run:1") and not ledger.has_spent("run:2")
+    with pytest.raises(ValueError, match="run:1"):
+        PrivacyLedger(tmp_path / "ledger.json").record("run:1", 10)
+    assert PrivacyLedger(tmp_path / "ledger.json").epsilon == eps
+    assert len(json.loads((tmp_path / "ledger.json").read_text())["history"]) == 1
+
+
+def test_open_keeps_the_lifetime_parameters(tmp_path):
+    PrivacyLedger(tmp_path / "ledger.json").open(**PARAMS)
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    ledger.open(**{**PARAMS, "noise_multiplier": 0.3, "sample_rate": 0.9, "delta": 1e-3, "target_epsilon": 2.0})
+    assert (ledger.noise_multiplier, ledger.sample_rate, ledger.delta, ledger.target_epsilon) == (1.0, 0.25, 1e-5, 20.0)
+    assert ledger.epsilon == 0.0
+
+
+@pytest.mark.parametrize("content", ["{not json", "", json.dumps({"version": 1, "history": []}),
+                                     json.dumps({"version": 1, "parameters": {**PARAMS, "sample_rate": "x"},
+                                                 "history": []})])
+def test_a_corrupt_ledger_is_an_error_naming_the_file_never_a_reset(tmp_path, content):
+    path = tmp_path / "ledger.json"
+    path.write_text(content)
+    for call in (lambda l: l.open(**PARAMS), lambda l: l.epsilon, lambda l: l.record("run:1", 5)):
+        with pytest.raises(ConfigError, match="do not delete it lightly") as err:
+            call(PrivacyLedger(path))
+        assert str(path) in str(err.value)
+    assert path.read_text() == content
+
+
+def test_a_crash_before_the_rename_leaves_the_previous_ledger_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path)
+    ledger.open(**PARAMS)
+    eps = ledger.record("run:1", 10)
+    before = path.read_text()
+
+    def crash(src, dst):
+        raise OSError("simulated power loss")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power loss"):
+        ledger.record("run:2", 10)
+    monkeypatch.undo()
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+    reopened = PrivacyLedger(path)
+    assert reopened.epsilon == eps and not reopened.has_spent("run:2")
+    assert reopened.record("run:2", 10) > eps

@@ -1,0 +1,91 @@
+"""DP-SGD in a real federation: cumulative epsilon, a client that declines the round that would exceed its
+budget, and device privacy floors."""
+
+import json
+
+import pytest
+
+from client.app import LoraClient
+from fedlm.privacy import DECLINES, BudgetExceeded, PrivacyLedger, epsilon_of
+from fedlm.settings import RunSettings, settings_from_dict
+from simulations.launch import simulate
+from tests.conftest import make_text
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NOISE, STEPS, BATCH = 1.0, 2, 4
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """A small and a large source: the small client samples each row more often and spends faster."""
+    root = tmp_path_factory.mktemp("uneven")
+    for i, (source, words) in enumerate([("small", 300), ("small", 300), ("large", 1500), ("large", 1500)]):
+        (root / source).mkdir(exist_ok=True)
+        (root / source / f"doc{i}.txt").write_text(make_text(900 + i, words))
+    return root
+
+
+def _settings(tmp_path, model_dir, data_dir, target) -> RunSettings:
+    return settings_from_dict(RunSettings, {
+        "model": {"name_or_path": str(model_dir)},
+        "dataset": {"path": str(data_dir), "partitioner": "natural", "seq_len": 32,
+                    "min_train_sequences": 4, "min_eval_sequences": 1},
+        "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 3},
+        "train": {"local_steps": STEPS, "batch_size": BATCH, "learning_rate": 0.01},
+        "privacy": {"name": "dp_sgd", "noise_multiplier": NOISE, "target_epsilon": target},
+        "output_dir": str(tmp_path / "run"),
+    })
+
+
+def _epsilon(n_train: int, rounds: int) -> float:
+    return epsilon_of([(NOISE, BATCH / n_train, STEPS)] * rounds, min(1e-5, 1 / n_train))
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory, tiny_llama_dir, two_sources):
+    tmp = tmp_path_factory.mktemp("budget")
+    # Prepare once with a placeholder budget to learn each client's size, then pick a budget that the
+    # small client exhausts after exactly two rounds while the large one lasts all three.
+    probe = simulate(_settings(tmp / "probe", tiny_llama_dir, two_sources, target=1e6))
+    sizes = [c["train_sequences"] for c in json.loads((probe.output_dir / "data" / "summary.json").read_text())]
+    small, large = (0, 1) if sizes[0] < sizes[1] else (1, 0)
+    target = max(_epsilon(sizes[small], 2), _epsilon(sizes[large], 3)) * 1.001
+    assert target < _epsilon(sizes[small], 3), "the data no longer separates the clients' spending"
+    settings = _settings(tmp, tiny_llama_dir, two_sources, target)
+    return settings, simulate(settings), sizes, small, large
+
+
+def test_a_small_budget_declines_exactly_the_round_that_would_exceed_it(budget_run):
+    settings, outcome, sizes, small, large = budget_run
+    rows = outcome.rows
+    assert [(r["clients_ok"], r["clients_declined"]) for r in rows[1:]] == [(2, 0), (2, 0), (1, 1)]
+    small_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{small}.json")
+    large_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{large}.json")
+    assert small_ledger.epsilon == pytest.approx(_epsilon(sizes[small], 2), abs=1e-9)
+    assert large_ledger.epsilon == pytest.approx(_epsilon(sizes[large], 3), abs=1e-9)
+    assert max(small_ledger.epsilon, large_ledger.epsilon) <= settings.privacy.target_epsilon
+
+
+def test_reported_epsilon_is_cumulative_over_every_round_joined(budget_run):
+    _, outcome, sizes, small, large = budget_run
+    rows = outcome.rows
+    assert "epsilon_max" not in rows[0]
+    for r in (1, 2):
+        assert rows[r]["epsilon_max"] == pytest.approx(_epsilon(min(sizes), r), abs=1e-6)
+    assert rows[3]["epsilon_max"] == pytest.approx(_epsilon(sizes[large], 3), abs=1e-6)  # only the large one trained
+    assert rows[3]["delta"] == pytest.approx(min(1e-5, 1 / sizes[large]))
+    report = (outcome.output_dir / "report.md").read_text()
+    assert "privacy unit is one training sequence" in report and (outcome.output_dir / "epsilon.png").exists()
+
+
+def test_a_device_floor_refuses_a_run_asking_for_less_privacy(budget_run):
+    settings, outcome, *_ = budget_run
+    run = settings_from_dict(RunSettings, {**json.loads(settings.to_json()), "privacy": {"name": "dp_sgd", "target_epsilon": 8.0}})
+    client = LoraClient(run, 0, {"partition-id": 0, "max-epsilon": 2.0, "state-dir": str(outcome.output_dir / "device")})
+    with pytest.raises(BudgetExceeded, match=rf"{DECLINES}: the run's privacy.target_epsilon=8 exceeds this device's max-epsilon=2"):
+        client.fit(client.get_parameters({}), {"round": 1})
+    plain = settings_from_dict(RunSettings, {**json.loads(settings.to_json()), "privacy": {"name": "disabled"}})
+    client = LoraClient(plain, 0, {"partition-id": 0, "min-noise-multiplier": 0.5})
+    with pytest.raises(BudgetExceeded, match="privacy=disabled but this device requires differential privacy"):
+        client.fit(client.get_parameters({}), {"round": 1})
