@@ -158,9 +158,11 @@ class DatasetSettings:
 class TrainSettings:
     """One client's local training in a round."""
 
-    local_steps: int = 30
-    batch_size: int = 8
-    learning_rate: float = 3e-3
+    local_steps: int = 10
+    batch_size: int = 32
+    """Sequences per step (under DP-SGD: the expected size of a Poisson batch). DP needs big batches:
+    the noise on the averaged gradient shrinks as 1/batch_size."""
+    learning_rate: float = 1e-2
     weight_decay: float = 0.0
     max_eval_sequences: int = 64
     """Held-out sequences a client evaluates on (the same ones every round)."""
@@ -168,7 +170,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for key in ("local_steps", "batch_size", "max_eval_sequences"):
             _check(getattr(self, key) > 0, f"train.{key} must be > 0 (got {getattr(self, key)})")
-        _check(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate}); try 3e-3")
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate}); try 1e-2")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})")
 
 
@@ -200,7 +202,7 @@ ACCOUNTANTS = ("prv", "rdp")
 class PrivacySettings:
     """Sample-level differential privacy of each client's local training (Opacus DP-SGD on the adapter)."""
 
-    name: str = "disabled"
+    name: str = "dp_sgd"
     """`dp_sgd` or `disabled`."""
     target_epsilon: float = 8.0
     """Lifetime budget of one client, over every round it ever joins."""
@@ -245,7 +247,7 @@ SECAGG_MODULUS = 2**40
 class SecAggSettings:
     """Secure aggregation of the adapters with Flower's SecAgg+: the server learns only their weighted sum."""
 
-    name: str = "disabled"
+    name: str = "secaggplus"
     """`secaggplus` or `disabled`."""
     num_shares: int = 5
     """Neighbours each client secret-shares with: a fixed odd number, so cost grows linearly with the cohort."""

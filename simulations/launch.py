@@ -80,7 +80,9 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
     from client.app import build_client_app
     from server.app import build_server_app
 
-    logging.getLogger("flwr").addFilter(_DropDeprecationNotice())
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_DropDeprecationNotice())
+    flwr_logger.propagate = False  # it prints itself; a root handler (Opacus installs one) would double it
     fed = settings.federation
     start = time.perf_counter()
     with warnings.catch_warnings():

@@ -292,7 +292,7 @@ def test_client_data_round_trip_and_load_errors(tmp_path: Path) -> None:
 def federation_settings(folder: Path, **dataset: object) -> RunSettings:
     ds = DatasetSettings(path=str(folder), partitioner="natural", seq_len=16, min_train_sequences=4,
                          min_eval_sequences=1, **dataset)
-    return RunSettings(dataset=ds, federation=FederationSettings(num_clients=3, clients_per_round=2), seed=5)
+    return RunSettings(dataset=ds, federation=FederationSettings(num_clients=3, clients_per_round=3), seed=5)
 
 
 def test_prepare_federation_writes_then_reuses(tmp_path: Path, tokenizer: Tok) -> None:

@@ -57,3 +57,22 @@ def test_run_config_carries_settings_as_one_json_value():
     assert settings_from_run_config({}) == RunSettings()
     with pytest.raises(ConfigError, match="not valid JSON"):
         settings_from_run_config({"settings": "{oops"})
+
+
+def test_secagg_needs_a_cohort_its_threshold_can_be_met_in():
+    with pytest.raises(ConfigError, match=r"reconstruction_threshold=3 exceeds the 2 shares .* lower it to at most 2"):
+        settings_from_dict(RunSettings, {"federation": {"clients_per_round": 2}})
+    with pytest.raises(ConfigError, match="needs federation.clients_per_round >= 2"):
+        settings_from_dict(RunSettings, {"federation": {"clients_per_round": 1},
+                                         "secagg": {"reconstruction_threshold": 2}})
+    with pytest.raises(ConfigError, match="num_shares must be an odd whole number"):
+        settings_from_dict(RunSettings, {"secagg": {"num_shares": 4}})
+    plain = settings_from_dict(RunSettings, {"federation": {"clients_per_round": 1}, "secagg": {"name": "disabled"}})
+    assert not plain.secagg.enabled
+
+
+def test_the_default_run_is_private_and_secure():
+    settings = RunSettings()
+    assert settings.privacy.enabled and settings.privacy.target_epsilon <= 8 and settings.secagg.enabled
+    with pytest.raises(ConfigError, match="GDP accountant can under-report"):
+        settings_from_dict(RunSettings, {"privacy": {"accountant": "gdp"}})

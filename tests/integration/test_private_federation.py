@@ -34,6 +34,7 @@ def _settings(tmp_path, model_dir, data_dir, target) -> RunSettings:
         "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 3},
         "train": {"local_steps": STEPS, "batch_size": BATCH, "learning_rate": 0.01},
         "privacy": {"name": "dp_sgd", "noise_multiplier": NOISE, "target_epsilon": target},
+        "secagg": {"name": "disabled"},
         "output_dir": str(tmp_path / "run"),
     })
 

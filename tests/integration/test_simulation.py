@@ -25,6 +25,7 @@ def _settings(tmp_path, model_dir, data_dir, **extra) -> RunSettings:
         "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},
         "train": {"local_steps": 4, "batch_size": 4, "learning_rate": 0.01},
         "output_dir": str(tmp_path / "run"),
+        "privacy": {"name": "disabled"}, "secagg": {"name": "disabled"},  # the plain path; others have their own tests
         **extra,
     }
     return settings_from_dict(RunSettings, data)

@@ -15,7 +15,8 @@ def _fit_res(arrays, n, loss=1.0):
 
 
 def test_fedavg_weights_adapters_by_example_counts():
-    settings = settings_from_dict(RunSettings, {"federation": {"num_clients": 2, "clients_per_round": 2}})
+    settings = settings_from_dict(RunSettings, {"federation": {"num_clients": 2, "clients_per_round": 2},
+                                                "secagg": {"name": "disabled"}})
     strategy = build_strategy(settings, ndarrays_to_parameters([np.zeros(2, np.float32)]))
     params, metrics = strategy.aggregate_fit(1, [_fit_res([np.array([1.0, 3.0], np.float32)], 1, loss=4.0),
                                                  _fit_res([np.array([4.0, 0.0], np.float32)], 2, loss=1.0)], [])
