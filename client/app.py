@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
 from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import (DECLINES, BudgetExceeded, PrivacyLedger, calibrate_noise, poisson_rate,
+from fedlm.privacy import (DECLINES, BudgetExceeded, PrivacyLedger, calibrate_noise, clip_update, poisson_rate,
                            resolve_delta, train_local_dp)
 from fedlm.settings import LoraSettings, ModelSettings, RunSettings, settings_from_run_config
 from fedlm.training import TrainResult, evaluate, perplexity, train_local
@@ -75,13 +75,17 @@ class LoraClient(NumPyClient):
         metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
                     "train_tokens": result.tokens, "client": self.partition_id}
         arrays = adapter_to_arrays(self.model)
+        weight = min(len(self.data.train), self.settings.federation.max_client_weight)
+        if self.settings.privacy.client_level:
+            # Client-level DP bounds each client's influence: a clipped update, and an equal say for everyone.
+            arrays, weight = clip_update(arrays, parameters, self.settings.privacy.update_clipping_norm), 1
         if self.settings.secagg.enabled:
             self.check_clipping_range(arrays)
             # SecAgg+ quantizes on this side, in the arrays' dtype: float32 cannot resolve 2^30 levels (its
             # 24-bit mantissa loses ~64 of them). Only the masked integers travel, so precision is free.
             arrays = [a.astype(np.float64) for a in arrays]
         # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
-        return arrays, min(len(self.data.train), self.settings.federation.max_client_weight), metrics
+        return arrays, weight, metrics
 
     def train_private(self, server_round: int) -> tuple[TrainResult, dict]:
         """DP-SGD within the client's lifetime budget; the spend is on disk before the update leaves.

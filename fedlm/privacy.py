@@ -378,3 +378,20 @@ def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.
         _remove_opacus_state(model, params)
     return TrainResult(loss=sum(losses) / len(losses) if losses else math.nan, steps=train.local_steps,
                        sequences=sequences, tokens=tokens, seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- client-level DP (the second layer)
+
+def clip_update(new: list[np.ndarray], old: list[np.ndarray], max_norm: float) -> list[np.ndarray]:
+    """`old` plus the update `new - old` scaled down (never up) to an L2 norm of at most `max_norm`."""
+    delta = [n.astype(np.float64) - o for n, o in zip(new, old)]
+    norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta))
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    return [(o + scale * d).astype(n.dtype) for n, o, d in zip(new, old, delta)]
+
+
+def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float,
+                         accountant: str = "prv") -> float:
+    """Epsilon of the client-level layer after `rounds` rounds: one Gaussian step per round on the clipped
+    sum, clients sampled at `sample_rate` (Poisson approximation of Flower's fixed-size sampling)."""
+    return epsilon_of([(noise_multiplier, sample_rate, rounds)], delta, accountant) if rounds else 0.0

@@ -218,6 +218,11 @@ class PrivacySettings:
     """Poisson batches larger than this are processed in chunks (memory), as one logical step."""
     accountant: str = "prv"
     """`prv` (tight; falls back to `rdp` where PRV fails) or `rdp` (a looser but valid bound)."""
+    update_clipping_norm: float = 0.0
+    """Client-level DP, a second layer: each client clips its whole adapter update to this L2 norm and the
+    server adds Gaussian noise to the (uniform) average. 0: off."""
+    update_noise_multiplier: float = 1.0
+    """Client-level noise: std = this x update_clipping_norm on the sum of the clipped updates."""
 
     def __post_init__(self) -> None:
         _check(self.name in PRIVACY_MODES,
@@ -231,12 +236,20 @@ class PrivacySettings:
                f"privacy.noise_multiplier must be >= 0 (got {self.noise_multiplier}); 0 calibrates it")
         _check(self.max_grad_norm > 0, f"privacy.max_grad_norm must be > 0 (got {self.max_grad_norm}); try 1.0")
         _check(self.horizon_rounds >= 0, f"privacy.horizon_rounds must be >= 0 (got {self.horizon_rounds})")
+        _check(self.update_clipping_norm >= 0,
+               f"privacy.update_clipping_norm must be >= 0 (got {self.update_clipping_norm}); 0 turns it off")
+        _check(self.update_noise_multiplier > 0 or self.update_clipping_norm == 0,
+               f"privacy.update_noise_multiplier must be > 0 (got {self.update_noise_multiplier}); try 1.0")
         _check(self.max_physical_batch_size > 0,
                f"privacy.max_physical_batch_size must be > 0 (got {self.max_physical_batch_size})")
 
     @property
     def enabled(self) -> bool:
         return self.name == "dp_sgd"
+
+    @property
+    def client_level(self) -> bool:
+        return self.update_clipping_norm > 0
 
 
 SECAGG_MODULUS = 2**40

@@ -79,7 +79,7 @@ class RunRecorder:
             "seconds": round(now - self._clock, 3),
             "client_train_seconds": fit.get("client_train_seconds"),
         }
-        for key in ("epsilon_max", "epsilon_mean", "delta"):
+        for key in ("epsilon_max", "epsilon_mean", "delta", "client_epsilon"):
             if fit.get(key) is not None:
                 row[key] = fit[key]
         if central_loss is not None:

@@ -37,12 +37,21 @@ def _plot(rows: list[dict], series: dict[str, str], ylabel: str, path: Path, log
 def privacy_lines(rows: list[dict], settings: RunSettings) -> list[str]:
     """What the privacy guarantee is, in figures, and its plot."""
     privacy = settings.privacy
+    lines = []
+    if privacy.client_level:
+        noised = [r for r in rows if r.get("client_epsilon") is not None]
+        lines += [f"Client-level differential privacy (second layer): each client's whole update is clipped to "
+                  f"L2 norm {privacy.update_clipping_norm:g}, updates are averaged with equal weights, and the "
+                  f"server adds Gaussian noise (multiplier {privacy.update_noise_multiplier:g}). Client-level epsilon "
+                  f"after round {noised[-1]['round'] if noised else 0}: **{noised[-1]['client_epsilon'] if noised else 0:.3f}** "
+                  "(the privacy unit is a client's whole data; client sampling is accounted as Poisson; the "
+                  "server is trusted to add the noise).", ""]
     if not privacy.enabled:
-        return ["Differential privacy: **off** (`privacy=disabled`): client updates carry no formal guarantee.", ""]
+        return lines + ["Sample-level differential privacy: **off** (`privacy=disabled`).", ""]
     spent = [r for r in rows if r.get("epsilon_max") is not None]
     last = spent[-1] if spent else {}
     declined = sum(r.get("clients_declined", 0) for r in rows)
-    return [
+    return lines + [
         f"Differential privacy: DP-SGD on every client (sample-level: the privacy unit is one training sequence of "
         f"up to {settings.dataset.seq_len} tokens), lifetime budget epsilon = {privacy.target_epsilon:g} per "
         f"client, delta = {last.get('delta', float('nan')):.2g}, per-sequence clipping norm "

@@ -8,6 +8,7 @@ from flwr.common import Parameters
 from flwr.server.strategy import Strategy
 
 from fedlm.settings import ConfigError, RunSettings
+from strategies.client_dp import ClientLevelDP
 from strategies.fedavg import build_fedavg
 
 EvaluateFn = Callable[[int, list, dict], "tuple[float, dict] | None"]
@@ -28,7 +29,14 @@ def build_strategy(settings: RunSettings, initial: Parameters, evaluate_fn: Eval
     except KeyError:
         raise ConfigError(f"strategy={settings.strategy.name!r} is unknown; choose one of "
                           f"{sorted(_STRATEGIES)}") from None
-    return builder(settings, initial, evaluate_fn)
+    strategy = builder(settings, initial, evaluate_fn)
+    privacy, fed = settings.privacy, settings.federation
+    if privacy.client_level:
+        strategy = ClientLevelDP(strategy, clipping_norm=privacy.update_clipping_norm,
+                                 noise_multiplier=privacy.update_noise_multiplier,
+                                 sample_rate=fed.clients_per_round / fed.num_clients,
+                                 delta=privacy.delta or min(1e-5, 1 / fed.num_clients))
+    return strategy
 
 
 def strategy_names() -> list[str]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from dp_accounting.pld import PLDAccountant
@@ -15,7 +16,7 @@ from opacus.optimizers import DPOptimizer
 
 import fedlm.privacy as privacy_mod
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import (PrivacyLedger, calibrate_noise, epsilon_of, poisson_batches, poisson_rate,
+from fedlm.privacy import (PrivacyLedger, clip_update, calibrate_noise, epsilon_of, poisson_batches, poisson_rate,
                            resolve_delta, train_local_dp)
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, PrivacySettings, TrainSettings
 from fedlm.training import sequence_losses, train_local
@@ -301,3 +302,14 @@ def test_a_crash_before_the_rename_leaves_the_previous_ledger_intact(tmp_path, m
     reopened = PrivacyLedger(path)
     assert reopened.epsilon == eps and not reopened.has_spent("run:2")
     assert reopened.record("run:2", 10) > eps
+
+
+def test_clip_update_scales_the_whole_update_down_never_up():
+    old = [np.array([1.0, 1.0], np.float32), np.array([2.0], np.float32)]
+    new = [np.array([4.0, 5.0], np.float32), np.array([2.0], np.float32)]  # update (3, 4, 0): norm 5
+    clipped = clip_update(new, old, max_norm=2.5)
+    np.testing.assert_allclose(clipped[0], [2.5, 3.0])  # old + update / 2
+    np.testing.assert_allclose(clipped[1], [2.0])
+    assert clipped[0].dtype == np.float32
+    unchanged = clip_update(new, old, max_norm=10.0)
+    np.testing.assert_allclose(unchanged[0], new[0])

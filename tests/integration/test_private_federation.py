@@ -90,3 +90,20 @@ def test_a_device_floor_refuses_a_run_asking_for_less_privacy(budget_run):
     client = LoraClient(plain, 0, {"partition-id": 0, "min-noise-multiplier": 0.5})
     with pytest.raises(BudgetExceeded, match="privacy=disabled but this device requires differential privacy"):
         client.fit(client.get_parameters({}), {"round": 1})
+
+
+def test_client_level_dp_under_secagg_reports_its_own_epsilon(tmp_path, tiny_llama_dir, text_folder):
+    from fedlm.privacy import client_level_epsilon
+    settings = settings_from_dict(RunSettings, {
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "dataset": {"path": str(text_folder), "seq_len": 32, "min_train_sequences": 2, "min_eval_sequences": 1},
+        "federation": {"num_clients": 3, "clients_per_round": 3, "rounds": 2},
+        "train": {"local_steps": 2, "batch_size": 4},
+        "privacy": {"name": "disabled", "update_clipping_norm": 0.5, "update_noise_multiplier": 1.0},
+        "output_dir": str(tmp_path / "run"),
+    })
+    rows = simulate(settings).rows
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 3]
+    for r in (1, 2):
+        assert rows[r]["client_epsilon"] == pytest.approx(client_level_epsilon(1.0, 1.0, r, 1e-5))
+    assert "epsilon_max" not in rows[2]  # the sample-level layer is off and reported as off

@@ -1,0 +1,45 @@
+"""Client-level DP: noise of the right size on the average, its own accountant, no round thrown away."""
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from fedlm.privacy import client_level_epsilon
+from fedlm.settings import RunSettings, settings_from_dict
+from strategies import build_strategy
+from strategies.client_dp import ClientLevelDP
+
+
+def _results(vectors):
+    return [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([v]), 1,
+                          {"train_loss": 1.0, "train_seconds": 1.0, "train_tokens": 1})) for v in vectors]
+
+
+def _strategy(noise):
+    settings = settings_from_dict(RunSettings, {
+        "federation": {"num_clients": 10, "clients_per_round": 4},
+        "privacy": {"update_clipping_norm": 2.0, "update_noise_multiplier": noise}})
+    return build_strategy(settings, ndarrays_to_parameters([np.zeros(3, np.float32)]))
+
+
+def test_the_wrapper_is_built_from_settings_and_accounts_per_round():
+    strategy = _strategy(noise=1.0)
+    assert isinstance(strategy, ClientLevelDP) and strategy.sample_rate == 0.4
+    vectors = [np.full(3, float(i), np.float32) for i in range(4)]
+    for rounds in (1, 2):
+        _, metrics = strategy.aggregate_fit(rounds, _results(vectors), [])
+        assert metrics["client_epsilon"] == pytest.approx(client_level_epsilon(1.0, 0.4, rounds, 1e-5))
+    assert client_level_epsilon(1.0, 0.4, 2, 1e-5) > client_level_epsilon(1.0, 0.4, 1, 1e-5)
+
+
+def test_noise_has_std_z_c_over_k_and_failures_do_not_discard_the_round():
+    strategy = _strategy(noise=1.5)
+    big = [np.zeros(200_000, np.float32) for _ in range(4)]
+    params, _ = strategy.aggregate_fit(1, _results(big), failures=[RuntimeError("a client dropped")])
+    noise = parameters_to_ndarrays(params)[0]
+    assert noise.std() == pytest.approx(1.5 * 2.0 / 4, rel=0.02)  # z * C / k, k = the 4 that arrived
+    assert abs(noise.mean()) < 0.01
+
+
+def test_client_level_is_off_by_default():
+    assert not isinstance(build_strategy(RunSettings(), ndarrays_to_parameters([])), ClientLevelDP)
