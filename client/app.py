@@ -25,11 +25,11 @@ from fedlm.training import TrainResult, evaluate, perplexity, train_local
 
 
 @functools.lru_cache(maxsize=1)
-def worker_model(model: ModelSettings, lora: LoraSettings, seed: int, cache_dir: str
+def worker_model(model: ModelSettings, lora: LoraSettings, seed: int, cache_dir: str, frozen_a: bool = False
                  ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Base model + adapter, loaded once per worker process and reused by every round and client it serves."""
     base, tokenizer = load_base_model(model, Path(cache_dir) if cache_dir else None)
-    return apply_lora(base, lora, seed), tokenizer
+    return apply_lora(base, lora, seed, frozen_a=frozen_a), tokenizer
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,7 +47,8 @@ class LoraClient(NumPyClient):
         self.node_config = node_config
         self.run_id = run_id
         torch.set_num_threads(settings.federation.cpus_per_client)
-        self.model, _ = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir)
+        self.model, _ = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir,
+                                     settings.strategy.frozen_a)
         self.data = simulation_data(settings.output_dir, partition_id)
 
     @property
@@ -70,7 +71,8 @@ class LoraClient(NumPyClient):
             self.check_privacy_floor(None)
             # A distinct, reproducible stream per (run seed, round, client).
             seed = self.settings.seed * 1_000_003 + server_round * 1_009 + self.partition_id
-            result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed)
+            result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed,
+                                 prox_mu=self.settings.strategy.mu)
             metrics = {}
         metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
                     "train_tokens": result.tokens, "client": self.partition_id}
@@ -116,7 +118,7 @@ class LoraClient(NumPyClient):
         # from the run's public seed.
         result = train_local_dp(self.model, self.data.train, self.data.train_mask, train, privacy,
                                 noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate,
-                                seed=secrets.randbits(63))
+                                seed=secrets.randbits(63), prox_mu=self.settings.strategy.mu)
         epsilon = ledger.record(key, train.local_steps)
         return result, {"epsilon": epsilon, "delta": ledger.delta, "noise_multiplier": ledger.noise_multiplier}
 

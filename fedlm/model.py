@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from fedlm.adapter import freeze_lora_a
 from fedlm.embedded import ensure_embedded_base
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings
 
@@ -77,8 +78,11 @@ def lora_targets(model: PreTrainedModel, settings: LoraSettings) -> list[str] | 
     return list(_TARGETS.get(model.config.model_type, ())) or "all-linear"
 
 
-def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter; A is drawn from `seed` so every party builds the same one."""
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, frozen_a: bool = False) -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter; A is drawn from `seed` so every party builds the same one.
+
+    `frozen_a` (FFA-LoRA): A stays fixed and off the wire; only B is trained and sent (fedlm.adapter).
+    """
     model_type = model.config.model_type
     config = LoraConfig(
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -87,7 +91,10 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> Pef
     )
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise ConfigError(f"lora.target_modules={settings.target_modules!r} does not fit this "
                           f"{model_type} model ({err}); leave it empty to choose per architecture") from None
+    if frozen_a:
+        freeze_lora_a(peft_model)
+    return peft_model

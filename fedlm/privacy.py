@@ -15,13 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from opacus.accountants import create_accountant
-from opacus.grad_sample import GradSampleHooks
-from opacus.optimizers import DPOptimizer
-from torch import nn
+
+_root_handlers = list(logging.root.handlers)
+from opacus.accountants import create_accountant  # noqa: E402
+from opacus.grad_sample import GradSampleHooks  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
+from torch import nn  # noqa: E402
+
+# Opacus calls logging.basicConfig() when imported: the root handler it adds echoes every library's debug
+# records (each SecAgg+ stage of every client, for one). Undo that side effect.
+for _handler in logging.root.handlers[len(_root_handlers):]:
+    logging.root.removeHandler(_handler)
 
 from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
-from fedlm.training import TrainResult, sequence_losses
+from fedlm.training import TrainResult, proximal_gradient, sequence_losses
 
 try:
     import fcntl
@@ -307,13 +314,14 @@ def _remove_opacus_state(model: nn.Module, params: list[nn.Parameter]) -> None:
 def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.Tensor, train: TrainSettings,
                    privacy: PrivacySettings, *, noise_multiplier: float, sample_rate: float, seed: int,
                    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-                   ) -> TrainResult:
+                   prox_mu: float = 0.0) -> TrainResult:
     """Run `train.local_steps` DP-SGD steps (Opacus, per-sequence clipping) on the trainable parameters.
 
     Batches are Poisson samples (rate `sample_rate`, rows drawn from `seed`); each step adds Gaussian noise of
     std `noise_multiplier * privacy.max_grad_norm` to the sum of clipped per-sequence gradients and divides by
     the expected batch size. The caller accounts the steps (PrivacyLedger.record). `make_optimizer` defaults
     to AdamW as in `train_local`; the model is left as it was found (no hooks, no per-sample state).
+    `prox_mu` > 0 adds FedProx's proximal gradient after clipping and noise (free of privacy cost).
 
     Raises:
         ValueError: an invalid sample rate or noise multiplier, or nothing to train.
@@ -333,6 +341,13 @@ def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.
     optimizer = DPOptimizer(base, noise_multiplier=noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                             expected_batch_size=max(1, round(sample_rate * n)), loss_reduction="mean",
                             generator=noise_rng)
+    # FedProx's gradient mu (w - w0) depends only on the current weights (already a DP output of earlier
+    # steps) and the global adapter w0 (public to the client), never on the data: adding it after clipping
+    # and noise is post-processing and costs no privacy. Inside the per-sample clipping it would instead be
+    # clipped with each sample's gradient and stop being the proximal term. Opacus calls step_hook after
+    # noise and scaling, only on real (not accumulation-only) steps, just before the inner AdamW step.
+    add_proximal = proximal_gradient(params, prox_mu)
+    optimizer.step_hook = lambda _: add_proximal()
     hooks = None
     start, losses, sequences, tokens, checked = time.perf_counter(), [], 0, 0, False
     try:

@@ -291,11 +291,56 @@ class SecAggSettings:
         return self.name == "secaggplus"
 
 
+SERVER_OPTIMIZERS = ("fedadam", "fedyogi", "fedadagrad")
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class StrategySettings:
-    """How the server combines the clients' adapters."""
+    """How the server combines the clients' adapters (and, for fedprox, how clients train)."""
 
     name: str = "fedavg"
+    mu: float = 0.0
+    """FedProx: weight of the proximal term (mu/2)||w - w_global||^2 in local training; only fedprox reads it."""
+    server_learning_rate: float = 0.01
+    """Server optimisers' eta. A LoRA B entry moves by about 1e-2 per round under the default local training,
+    and an adaptive step moves every entry by about eta, so eta ~ 1e-2 keeps the server step of that size."""
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 0.001
+    """Adaptivity floor in eta * m / (sqrt(v) + tau): 1e-3 as in Reddi et al. 2021; Flower's 1e-9 turns an
+    update of 1e-6 into a full step of eta."""
+    lr_schedule: str = "constant"
+    """`constant` or `cosine` (eta down to about 0 over federation.rounds); server optimisers only."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr_schedule in LR_SCHEDULES,
+               f"strategy.lr_schedule={self.lr_schedule!r} is unknown; choose one of {list(LR_SCHEDULES)}")
+        _check(self.mu >= 0, f"strategy.mu must be >= 0 (got {self.mu}); try 0.01")
+        _check(self.server_learning_rate > 0,
+               f"strategy.server_learning_rate must be > 0 (got {self.server_learning_rate}); try 0.01")
+        _check(0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1,
+               f"strategy.beta_1 and strategy.beta_2 must be in [0, 1) (got {self.beta_1}, {self.beta_2}); try 0.9, 0.99")
+        _check(self.tau > 0, f"strategy.tau must be > 0 (got {self.tau}); try 0.001")
+        if self.name == "fedprox":
+            _check(self.mu > 0, "strategy=fedprox needs strategy.mu > 0 (got 0: that is plain FedAvg); "
+                   "try strategy.mu=0.01, or use strategy=fedavg")
+        elif self.mu > 0:
+            _check(False, f"strategy.mu={self.mu} is FedProx's proximal weight, which strategy={self.name} "
+                   "ignores; use strategy=fedprox, or leave strategy.mu at 0")
+        if self.lr_schedule != "constant":
+            _check(self.server_optimizer, f"strategy.lr_schedule={self.lr_schedule} schedules a server "
+                   f"optimiser's learning rate, and strategy={self.name} has none; use one of "
+                   f"{list(SERVER_OPTIMIZERS)} or strategy.lr_schedule=constant")
+
+    @property
+    def server_optimizer(self) -> bool:
+        return self.name in SERVER_OPTIMIZERS
+
+    @property
+    def frozen_a(self) -> bool:
+        """FFA-LoRA: every lora_A stays as the shared seed drew it; only lora_B is trained and travels."""
+        return self.name == "frozen_a"
 
 
 @dataclass(frozen=True)
@@ -332,6 +377,13 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         fed, secagg = self.federation, self.secagg
+        if self.strategy.server_optimizer and self.privacy.client_level:
+            # The client-level noise must go on the mean of the clipped updates, whose sensitivity is C / k; a
+            # server optimiser's step (m / (sqrt(v) + tau)) has no such bound, and ClientLevelDP noises its output.
+            _check(False, f"strategy={self.strategy.name} cannot be combined with client-level DP "
+                   f"(privacy.update_clipping_norm={self.privacy.update_clipping_norm}): the noise is calibrated "
+                   "to the plain mean of clipped updates; use strategy=fedavg, fedprox or frozen_a, or set "
+                   "privacy.update_clipping_norm=0")
         if secagg.enabled:
             _check(fed.clients_per_round >= 2, "secagg=secaggplus needs federation.clients_per_round >= 2 "
                    f"(got {fed.clients_per_round}): a sum of one update is that update")

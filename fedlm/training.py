@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +49,34 @@ class TrainResult:
     seconds: float
 
 
+def proximal_gradient(params: list[nn.Parameter], mu: float) -> Callable[[], None]:
+    """FedProx: a function that adds mu (w - w0) to each `p.grad`, the gradient of (mu/2)||w - w0||^2,
+    where w0 is the parameters' value now (the global adapter the round started from).
+
+    Added to the gradient rather than to the loss, so the DP path can add it after Opacus' per-sample
+    clipping and noise (see train_local_dp).
+    """
+    anchors = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def add() -> None:
+        if mu > 0:
+            for p, w0 in zip(params, anchors):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - w0, alpha=mu)
+
+    return add
+
+
 def train_local(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.Tensor,
-                settings: TrainSettings, seed: int) -> TrainResult:
+                settings: TrainSettings, seed: int, prox_mu: float = 0.0) -> TrainResult:
     """Run `settings.local_steps` AdamW steps on the trainable (adapter) parameters.
 
     Batches are drawn from a seeded permutation of the rows, cycling, so a round is reproducible.
+    `prox_mu` > 0 adds FedProx's proximal term (prox_mu/2)||w - w_start||^2 to the objective.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    add_proximal = proximal_gradient(params, prox_mu)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_ids), generator=generator)
@@ -69,6 +91,7 @@ def train_local(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.Ten
         loss = sequence_losses(model, ids, mask).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        add_proximal()
         optimizer.step()
         losses.append(loss.item())
         tokens += int(mask.sum())

@@ -10,11 +10,17 @@ from flwr.server.strategy import Strategy
 from fedlm.settings import ConfigError, RunSettings
 from strategies.client_dp import ClientLevelDP
 from strategies.fedavg import build_fedavg
+from strategies.server_opt import build_server_optimizer
 
 EvaluateFn = Callable[[int, list, dict], "tuple[float, dict] | None"]
 
 _STRATEGIES: dict[str, Callable[[RunSettings, Parameters, EvaluateFn | None], Strategy]] = {
     "fedavg": build_fedavg,
+    "fedprox": build_fedavg,  # clients add the proximal term (strategy.mu); the server averages
+    "frozen_a": build_fedavg,  # clients train and send only lora_B; averaging B is exact with a shared A
+    "fedadam": build_server_optimizer,
+    "fedyogi": build_server_optimizer,
+    "fedadagrad": build_server_optimizer,
 }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Callable
 
 from flwr.common import Metrics, Parameters
@@ -42,10 +41,10 @@ def round_config(server_round: int) -> dict:
     return {"round": server_round}
 
 
-def build_fedavg(settings: RunSettings, initial: Parameters,
-                 evaluate_fn: "EvaluateFn | None" = None) -> FedAvg:
+def fedavg_options(settings: RunSettings, initial: Parameters, evaluate_fn: "EvaluateFn | None" = None) -> dict:
+    """The FedAvg keyword arguments every strategy here shares (the server optimisers extend FedAvg)."""
     fed = settings.federation
-    return FedAvg(
+    return dict(
         # min_* fix the counts exactly: a fraction alone can round k/n * n down to k - 1.
         fraction_fit=fed.clients_per_round / fed.num_clients,
         min_fit_clients=fed.clients_per_round,
@@ -61,3 +60,10 @@ def build_fedavg(settings: RunSettings, initial: Parameters,
         evaluate_metrics_aggregation_fn=eval_metrics,
         accept_failures=True,
     )
+
+
+def build_fedavg(settings: RunSettings, initial: Parameters,
+                 evaluate_fn: "EvaluateFn | None" = None) -> FedAvg:
+    """FedAvg; also the server side of fedprox (the proximal term lives in local training) and frozen_a
+    (averaging B alone is exact when every client shares A: the mean of B_i A is (mean B_i) A)."""
+    return FedAvg(**fedavg_options(settings, initial, evaluate_fn))

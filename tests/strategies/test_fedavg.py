@@ -43,5 +43,6 @@ def test_clients_per_round_is_exact():
 
 def test_unknown_strategy_lists_the_choices():
     settings = settings_from_dict(RunSettings, {"strategy": {"name": "fedsgd"}})
-    with pytest.raises(ConfigError, match=r"strategy='fedsgd' is unknown; choose one of \['fedavg'\]"):
+    with pytest.raises(ConfigError, match=r"strategy='fedsgd' is unknown; choose one of \['fedadagrad', 'fedadam', 'fedavg', "
+                       r"'fedprox', 'fedyogi', 'frozen_a'\]"):
         build_strategy(settings, ndarrays_to_parameters([]))
