@@ -20,16 +20,19 @@ from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.privacy import (DECLINES, BudgetExceeded, PrivacyLedger, calibrate_noise, clip_update, poisson_rate,
                            resolve_delta, train_local_dp)
-from fedlm.settings import LoraSettings, ModelSettings, RunSettings, settings_from_run_config
+from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings, settings_from_run_config
 from fedlm.training import TrainResult, evaluate, perplexity, train_local
 
 
-@functools.lru_cache(maxsize=1)
-def worker_model(model: ModelSettings, lora: LoraSettings, seed: int, cache_dir: str, frozen_a: bool = False
-                 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """Base model + adapter, loaded once per worker process and reused by every round and client it serves."""
+# A few entries, not one: the virtual clients a worker serves may train different ranks (lora.client_ranks),
+# and one slot would reload the base model at every switch. Each entry holds its own copy of the base.
+@functools.lru_cache(maxsize=4)
+def worker_model(model: ModelSettings, lora: LoraSettings, seed: int, cache_dir: str, frozen_a: bool = False,
+                 rank: int | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Base model + adapter of `rank` (None: lora.r), loaded once per worker process and reused by every round
+    and client it serves."""
     base, tokenizer = load_base_model(model, Path(cache_dir) if cache_dir else None)
-    return apply_lora(base, lora, seed, frozen_a=frozen_a), tokenizer
+    return apply_lora(base, lora, seed, frozen_a=frozen_a, rank=rank), tokenizer
 
 
 @functools.lru_cache(maxsize=8)
@@ -47,8 +50,15 @@ class LoraClient(NumPyClient):
         self.node_config = node_config
         self.run_id = run_id
         torch.set_num_threads(settings.federation.cpus_per_client)
+        self.rank = settings.lora.client_rank(partition_id, node_config.get("lora-rank"))
+        if settings.strategy.frozen_a and self.rank < settings.lora.r:  # see RunSettings.__post_init__
+            raise ConfigError(f"client {partition_id}: lora-rank={self.rank} below lora.r={settings.lora.r} cannot "
+                              "rebuild strategy=frozen_a's global A; use this device's full rank")
+        # At full rank no rank argument: lru_cache keys on the call's exact arguments, so this shares the entry
+        # of callers that never pass one.
+        lower = (self.rank,) if self.rank < settings.lora.r else ()
         self.model, _ = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir,
-                                     settings.strategy.frozen_a)
+                                     settings.strategy.frozen_a, *lower)
         self.data = simulation_data(settings.output_dir, partition_id)
 
     @property
@@ -77,6 +87,7 @@ class LoraClient(NumPyClient):
         metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
                     "train_tokens": result.tokens, "client": self.partition_id}
         arrays = adapter_to_arrays(self.model)
+        # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
         weight = min(len(self.data.train), self.settings.federation.max_client_weight)
         if self.settings.privacy.client_level:
             # Client-level DP bounds each client's influence: a clipped update, and an equal say for everyone.
@@ -86,7 +97,6 @@ class LoraClient(NumPyClient):
             # SecAgg+ quantizes on this side, in the arrays' dtype: float32 cannot resolve 2^30 levels (its
             # 24-bit mantissa loses ~64 of them). Only the masked integers travel, so precision is free.
             arrays = [a.astype(np.float64) for a in arrays]
-        # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
         return arrays, weight, metrics
 
     def train_private(self, server_round: int) -> tuple[TrainResult, dict]:

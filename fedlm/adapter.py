@@ -16,6 +16,22 @@ class AdapterMismatch(ValueError):
 
 
 _FROZEN_A = "_pollinate_frozen_a"  # set on the PeftModel by freeze_lora_a: this party's wire omits lora_A
+_WIRE_RANK = "_pollinate_wire_rank"  # set by set_wire_rank: the global rank the wire arrays carry
+
+
+def set_wire_rank(model: PeftModel, rank: int) -> None:
+    """Heterogeneous ranks: this party's adapter travels at the global `rank` (>= its own).
+
+    Out, each lora_A [r_i, in] is zero-padded to [rank, in] and each lora_B [out, r_i] to [out, rank]; in,
+    the first r_i rows of A and columns of B are kept (HetLoRA's truncation). Zero padding adds nothing to
+    B @ A, so aggregation stays the plain weighted sum that SecAgg+ and every mean-based strategy compute.
+    """
+    setattr(model, _WIRE_RANK, rank)
+
+
+def _rank_axis(name: str) -> int | None:
+    """Which axis of a wire tensor is the LoRA rank (PEFT's shapes, GPT-2's fan_in_fan_out included)."""
+    return 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
 
 
 def freeze_lora_a(model: PeftModel) -> None:
@@ -42,13 +58,27 @@ def _wire_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {name: state[name] for name in adapter_names(model)}
 
 
+def _wire_shape(model: PeftModel, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    rank, axis = model.__dict__.get(_WIRE_RANK), _rank_axis(name)
+    if rank is None or axis is None or shape[axis] >= rank:
+        return shape
+    return shape[:axis] + (rank,) + shape[axis + 1:]
+
+
 def adapter_to_arrays(model: PeftModel) -> list[np.ndarray]:
-    """The adapter's wire tensors as float32 arrays (ArrayRecord rejects bfloat16), in wire order."""
-    return [t.detach().to(torch.float32).cpu().numpy().copy() for t in _wire_state(model).values()]
+    """The adapter's wire tensors as float32 arrays (ArrayRecord rejects bfloat16), in wire order, zero-padded
+    to the global rank (set_wire_rank)."""
+    arrays = []
+    for name, tensor in _wire_state(model).items():
+        local = tensor.detach().to(torch.float32).cpu().numpy()
+        array = np.zeros(_wire_shape(model, name, local.shape), np.float32)
+        array[tuple(slice(0, n) for n in local.shape)] = local
+        arrays.append(array)
+    return arrays
 
 
 def arrays_to_adapter(model: PeftModel, arrays: list[np.ndarray]) -> None:
-    """Load wire arrays into `model`'s adapter (a frozen A is left as it is).
+    """Load wire arrays into `model`'s adapter (a frozen A is left as it is), truncated to its own rank.
 
     Raises:
         AdapterMismatch: wrong count, a wrong shape, or a non-finite value; the model is left untouched.
@@ -58,11 +88,13 @@ def arrays_to_adapter(model: PeftModel, arrays: list[np.ndarray]) -> None:
         raise AdapterMismatch(f"expected {len(state)} adapter arrays, got {len(arrays)}")
     loaded = {}
     for (name, current), array in zip(state.items(), arrays):
-        if tuple(array.shape) != tuple(current.shape):
-            raise AdapterMismatch(f"{name}: expected shape {tuple(current.shape)}, got {tuple(array.shape)}")
+        expected = _wire_shape(model, name, tuple(current.shape))  # strict: exactly the global rank
+        if tuple(array.shape) != expected:
+            raise AdapterMismatch(f"{name}: expected shape {expected}, got {tuple(array.shape)}")
         if not np.all(np.isfinite(array)):
             raise AdapterMismatch(f"{name}: contains NaN or Inf")
-        loaded[name] = torch.from_numpy(np.asarray(array)).to(current.dtype)
+        own = np.asarray(array)[tuple(slice(0, n) for n in current.shape)]  # first r_i rows of A / columns of B
+        loaded[name] = torch.from_numpy(np.ascontiguousarray(own)).to(current.dtype)
     result = set_peft_model_state_dict(model, loaded)  # loads non-strictly: keys not on the wire stay
     if result.unexpected_keys:
         raise AdapterMismatch(f"unexpected adapter keys: {result.unexpected_keys[:3]}")

@@ -11,9 +11,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from fedlm.adapter import freeze_lora_a
+from fedlm.adapter import freeze_lora_a, set_wire_rank
 from fedlm.embedded import ensure_embedded_base
-from fedlm.settings import ConfigError, LoraSettings, ModelSettings
+from fedlm.settings import ConfigError, LoraSettings, ModelSettings, check_client_rank
 
 # All linear projections of the attention and MLP blocks (never lm_head): what LoRA needs to adapt
 # these architectures well; PEFT's defaults cover only q/v.
@@ -78,14 +78,21 @@ def lora_targets(model: PreTrainedModel, settings: LoraSettings) -> list[str] | 
     return list(_TARGETS.get(model.config.model_type, ())) or "all-linear"
 
 
-def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, frozen_a: bool = False) -> PeftModel:
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, frozen_a: bool = False,
+               rank: int | None = None) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter; A is drawn from `seed` so every party builds the same one.
 
     `frozen_a` (FFA-LoRA): A stays fixed and off the wire; only B is trained and sent (fedlm.adapter).
+    `rank` (heterogeneous ranks, <= settings.r): this party trains a smaller adapter, but its wire arrays
+    keep the global rank settings.r (truncated on the way in, zero-padded on the way out: fedlm.adapter).
     """
     model_type = model.config.model_type
+    rank = check_client_rank(rank or settings.r, settings.r, "lora rank")
+    # PEFT scales B @ A by lora_alpha / r. With alpha * rank / r_max every client's scale is alpha / r_max,
+    # the global adapter's: a zero-padded rank-r_i (B, A) then means exactly the same delta-W inside the
+    # global adapter as in the client's, so the weighted sum of padded arrays is a sum of like quantities.
     config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        r=rank, lora_alpha=settings.alpha * rank / settings.r, lora_dropout=settings.dropout,
         target_modules=lora_targets(model, settings), task_type="CAUSAL_LM",
         fan_in_fan_out=model_type in _FAN_IN_FAN_OUT,
     )
@@ -97,4 +104,5 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, frozen
                           f"{model_type} model ({err}); leave it empty to choose per architecture") from None
     if frozen_a:
         freeze_lora_a(peft_model)
+    set_wire_rank(peft_model, settings.r)
     return peft_model

@@ -77,14 +77,40 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
     """Empty: chosen per architecture (all linear projections; GPT-2's c_attn/c_proj/c_fc)."""
+    client_ranks: tuple[int, ...] = ()
+    """Heterogeneous ranks (simulation): client i trains rank client_ranks[i % len], each <= r (the global
+    adapter's rank). Empty: everyone uses r. A deployed device sets its own with node config `lora-rank`."""
 
     def __post_init__(self) -> None:
         _check(self.r > 0, f"lora.r must be > 0 (got {self.r}); try 8")
+        for rank in self.client_ranks:
+            check_client_rank(rank, self.r, "lora.client_ranks")
         _check(self.alpha > 0, f"lora.alpha must be > 0 (got {self.alpha}); try 2 * lora.r")
         _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1) (got {self.dropout})")
         _check("lm_head" not in self.target_modules,
                "lora.target_modules must not contain lm_head: it is tied to the embeddings in small "
                "models and would make the adapter as large as the vocabulary")
+
+    def client_rank(self, partition_id: int, node_rank: Any = None) -> int:
+        """The LoRA rank one client trains: its node config `lora-rank`, else lora.client_ranks, else r.
+
+        Raises:
+            ConfigError: the rank is not a whole number in [1, lora.r].
+        """
+        if node_rank is not None:
+            try:
+                rank = int(node_rank)
+            except (TypeError, ValueError):
+                raise ConfigError(f"node config lora-rank={node_rank!r} must be a whole number") from None
+            return check_client_rank(rank, self.r, "node config lora-rank")
+        return self.client_ranks[partition_id % len(self.client_ranks)] if self.client_ranks else self.r
+
+
+def check_client_rank(rank: int, r_max: int, key: str) -> int:
+    # The global adapter has rank lora.r and every update is zero-padded to it: a larger rank has no room.
+    _check(0 < rank <= r_max, f"{key}: a client rank of {rank} is outside [1, lora.r={r_max}]; the global "
+           f"adapter's rank lora.r must be the largest, so raise lora.r to {rank} or lower the client's rank")
+    return rank
 
 
 DATA_SOURCES = ("auto", "packages", "text_folder", "jsonl", "huggingface")
@@ -384,6 +410,12 @@ class RunSettings:
                    f"(privacy.update_clipping_norm={self.privacy.update_clipping_norm}): the noise is calibrated "
                    "to the plain mean of clipped updates; use strategy=fedavg, fedprox or frozen_a, or set "
                    "privacy.update_clipping_norm=0")
+        if self.strategy.frozen_a and any(r < self.lora.r for r in self.lora.client_ranks):
+            # frozen_a never sends A: each client redraws it from the seed, and a rank-r_i draw is not the
+            # first r_i rows of the global rank-r draw, so the clients' B would pair with different A's.
+            _check(False, f"strategy=frozen_a cannot be combined with lora.client_ranks={list(self.lora.client_ranks)} "
+                   "below lora.r: a lower-rank client cannot rebuild the global frozen A; use another strategy or "
+                   "clear lora.client_ranks")
         if secagg.enabled:
             _check(fed.clients_per_round >= 2, "secagg=secaggplus needs federation.clients_per_round >= 2 "
                    f"(got {fed.clients_per_round}): a sum of one update is that update")
