@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-strategies clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)
+
+bench-strategies: $(STAMP)  # about 25 minutes: every strategy, DP off and at epsilon 8
+	$(PY) benchmarks/compare_strategies.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
