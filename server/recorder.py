@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common.logger import log
 from flwr.server import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
@@ -55,6 +56,9 @@ class RunRecorder:
             target = "adapter" if server_round == self.rounds else f"checkpoints/round_{server_round:04d}"
             (self.out_dir / target).parent.mkdir(parents=True, exist_ok=True)
             save_adapter(self.model, self.out_dir / target)
+            state_dict = getattr(context.strategy, "state_dict", None)
+            if state_dict:  # a server optimiser's moments: without them its checkpoint could not resume
+                np.savez(self.out_dir / target / "server_optimizer.npz", **state_dict())
 
     def metrics_row(self, server_round: int, context: LegacyContext) -> dict[str, Any]:
         history = context.history
