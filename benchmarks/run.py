@@ -1,4 +1,4 @@
-"""`python benchmarks/run.py [--quick]`: client training throughput vs. CPU matmul peak, and federation overhead."""
+"""`python benchmarks/run.py [--quick] [--only SECTION]`: client throughput, federation overhead, DP, SecAgg+ cost."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import privacy_cost  # benchmarks/ is sys.path[0] when run as a script
 from fedlm.data import ClientData, client_data_path, prepare_federation
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings
@@ -181,26 +182,61 @@ def federation(work: Path, quick: bool, facts: dict) -> list[str]:
     ]
 
 
+def merge(old: str, note: str, sections: list[str]) -> str:
+    """`old` with the sections that were re-run replaced (matched by their "## N." number) or appended."""
+    parts = old.split("\n## ")
+    head, kept = parts[0].rstrip("\n").split("\n"), {p.split(" ", 1)[0]: "## " + p for p in parts[1:]}
+    for section in sections:
+        kept[section.split(" ", 2)[1]] = section
+    prefix = note.split(":", 1)[0]  # one note per set of re-run sections: a later re-run replaces it
+    head = [line for line in head if not line.startswith(prefix + ":")]
+    at = next((i + 1 for i, line in enumerate(head) if line.startswith("- Machine:")), len(head))
+    head.insert(at, note)
+    ordered = sorted(kept.values(), key=lambda s: int(s.split(" ", 2)[1].rstrip(".")))
+    return "\n".join(head) + "\n\n" + "\n".join(s.rstrip("\n") + "\n" for s in ordered)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="federation.rounds=3 instead of the default 10")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="the Markdown file to write")
+    parser.add_argument("--only", choices=("all", "throughput", "federation", "dp", "secagg"), default="all",
+                        help="run one section and replace only it in --output (federation also runs throughput, "
+                        "whose data and figures it uses)")
     args = parser.parse_args()
     make_offline_safe()  # before any tokenizer or Ray use: no downloads, no telemetry, no tokenizer threads
     command = " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])
+    load = os.getloadavg()[0]  # timings only mean something on an otherwise idle machine: record how idle
+    if load > 0.5:
+        log(f"warning: 1-minute load average is {load:.2f}; other processes will skew the timings")
     versions = ", ".join(f"{name} {version(name)}" for name in ("torch", "flwr", "transformers", "peft"))
     header = [
         "# Pollinate benchmarks", "",
         f"- Command: `{command}` (from the repository root; `make bench` runs it)",
         f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- Versions: Python {platform.python_version()}, {versions}",
-        f"- Machine: {machine()}", "",
+        f"- Machine: {machine()}; 1-minute load average at start {load:.2f}", "",
         "Throughput and peak are measured side by side in one run; nothing here is a timed test.", "",
     ]
+    run = {"all": {1, 2, 3, 4}, "throughput": {1}, "federation": {1, 2}, "dp": {3}, "secagg": {4}}[args.only]
+    sections = []
     with tempfile.TemporaryDirectory(prefix="pollinate-bench-") as tmp:
-        section1, facts = throughput(Path(tmp))
-        section2 = federation(Path(tmp), args.quick, facts)
-    text = "\n".join(header + section1 + section2)
+        if run & {1, 2}:
+            section1, facts = throughput(Path(tmp))
+            sections.append(section1)
+        if 2 in run:
+            sections.append(federation(Path(tmp), args.quick, facts))
+        if 3 in run:
+            sections.append(privacy_cost.dp_cost(Path(tmp)))
+        if 4 in run:
+            sections.append(privacy_cost.secagg_cost(Path(tmp)))
+    if args.only == "all" or not args.output.exists():
+        text = "\n".join(header + [line for section in sections for line in section])
+    else:  # keep the other sections as they were measured, and say when and how these were re-run
+        names = "-".join(str(n) for n in sorted(run)[::max(1, len(run) - 1)])
+        stamp = f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+        note = f"- Section{'s' if len(run) > 1 else ''} {names}: `{command}`, {stamp}, 1-minute load average {load:.2f}"
+        text = merge(args.output.read_text(), note, ["\n".join(section) for section in sections])
     args.output.write_text(text)
     print("\n" + text, flush=True)
     log(f"wrote {args.output}")
