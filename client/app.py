@@ -31,7 +31,7 @@ def worker_model(model: ModelSettings, lora: LoraSettings, seed: int, cache_dir:
                  rank: int | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """Base model + adapter of `rank` (None: lora.r), loaded once per worker process and reused by every round
     and client it serves."""
-    base, tokenizer = load_base_model(model, Path(cache_dir) if cache_dir else None)
+    base, tokenizer = load_base_model(model, cache_dir)
     return apply_lora(base, lora, seed, frozen_a=frozen_a, rank=rank), tokenizer
 
 

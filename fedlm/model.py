@@ -36,10 +36,11 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("POLLINATE_CACHE", Path.home() / ".cache" / "pollinate")).expanduser()
 
 
-def resolve_model_path(settings: ModelSettings, cache_root: Path | None = None) -> str:
+def resolve_model_path(settings: ModelSettings, cache_root: Path | str | None = None) -> str:
     """The directory or hub id `from_pretrained` should load; builds the embedded base if needed."""
     if settings.name_or_path == "embedded":
-        return str(ensure_embedded_base(settings.embedded, cache_root or default_cache_root()))
+        root = Path(cache_root) if cache_root else default_cache_root()  # "" in settings: the default
+        return str(ensure_embedded_base(settings.embedded, root))
     path = Path(settings.name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -49,7 +50,7 @@ def resolve_model_path(settings: ModelSettings, cache_root: Path | None = None) 
     return settings.name_or_path  # a hub id: only users with network get past from_pretrained
 
 
-def load_base_model(settings: ModelSettings, cache_root: Path | None = None
+def load_base_model(settings: ModelSettings, cache_root: Path | str | None = None
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model and its tokenizer through the real `from_pretrained` path.
 

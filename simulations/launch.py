@@ -63,7 +63,7 @@ def prepare(settings: RunSettings) -> None:
         load_texts(settings.server.central_eval_path, settings.dataset, key="server.central_eval_path")
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, tokenizer = load_base_model(settings.model, Path(settings.cache_dir) if settings.cache_dir else None)
+    _, tokenizer = load_base_model(settings.model, settings.cache_dir)
     prepare_federation(settings, tokenizer, out_dir / "data", corpus)
     (out_dir / "settings.json").write_text(json.dumps(json.loads(settings.to_json()), indent=2))
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
                  "(pass the output directory that `python -m simulations.run` printed)")
     try:
         settings = RunSettings.from_json(settings_file.read_text())
-        base, tokenizer = load_base_model(settings.model, Path(settings.cache_dir) if settings.cache_dir else None)
+        base, tokenizer = load_base_model(settings.model, settings.cache_dir)
     except (ConfigError, json.JSONDecodeError) as err:
         sys.exit(f"{settings_file}: {err}")
     before = generate(base, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
