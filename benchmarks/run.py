@@ -119,7 +119,8 @@ def throughput(work: Path) -> tuple[list[str], dict]:
         "pass through activations (2·N) but no weight gradients (the adapter's own cost is negligible). "
         "Evaluation is 2·N per token. Attention scores (up to ~8 % more at 128 tokens) are left out, so the "
         "percentages slightly understate the work done. The gap to peak: this model's matrices are narrow "
-        "(d=192), and softmax, norms, the loss, the optimizer and Python dispatch are not matmuls.", "",
+        "(d=192), and softmax, norms, the loss, the optimizer and Python dispatch are not matmuls. This is "
+        "plain `train_local`; under DP-SGD clients run `train_local_dp`, whose extra cost is section 3.", "",
     ]
     return lines, {"prep_seconds": prep_seconds, "n_lora": n_lora}
 
@@ -144,14 +145,14 @@ def federation(work: Path, quick: bool, facts: dict) -> list[str]:
     down = statistics.mean(r["bytes_down"] for r in rounds)
     up = statistics.mean(r["bytes_up"] for r in rounds)
     per_adapter = statistics.mean(r["bytes_up"] / r["clients_ok"] for r in rounds)
-    messages_down = statistics.mean(r["clients_sampled"] + (r["eval_clients"] or 0) for r in rounds)
     log(f"federation: wall {wall:.1f} s, rounds {rounds_s:.1f} s, client training {client_s:.1f} s, "
         f"wall/client {wall / client_s:.2f}, perplexity {outcome.initial_perplexity:.1f} -> "
         f"{outcome.final_perplexity:.1f}")
     return [
         f"## 2. Federation overhead (default run{', --quick: federation.rounds=3' if quick else ''})", "",
         f"{fed.num_clients} clients, {fed.clients_per_round} per round, {fed.rounds} rounds, {t.local_steps} local "
-        f"steps, cpus_per_client={fed.cpus_per_client} on {os.cpu_count()} cores: {slots} clients train at once.", "",
+        f"steps, privacy={settings.privacy.name}, secagg={settings.secagg.name}, cpus_per_client="
+        f"{fed.cpus_per_client} on {os.cpu_count()} cores: {slots} clients train at once.", "",
         "| measure | value |", "|---|---:|",
         f"| data preparation (once, before the run; reused by it) | {facts['prep_seconds']:.1f} s |",
         f"| end-to-end wall time of `simulate` (Ray start, model loads, all rounds, shutdown) | {wall:.1f} s |",
@@ -167,17 +168,19 @@ def federation(work: Path, quick: bool, facts: dict) -> list[str]:
         f"| held-out perplexity, round 0 (base) -> round {rounds[-1]['round']} | "
         f"{outcome.initial_perplexity:.1f} -> {outcome.final_perplexity:.1f} |",
         f"| MB down / MB up per round (mean of rounds 1-{fed.rounds}) | {down / 1e6:.2f} / {up / 1e6:.2f} |",
-        f"| bytes per adapter message (per client each way) | {per_adapter:,.0f} "
-        f"({facts['n_lora']:,} fp32 values = {4 * facts['n_lora']:,} B) |", "",
-        "Summed client training time adds up every client's own `train_local` seconds. Because "
+        f"| bytes up per training client per round (the adapter alone: {facts['n_lora']:,} fp32 values = "
+        f"{4 * facts['n_lora']:,} B) | {per_adapter:,.0f} |", "",
+        "Summed client training time adds up every client's own local-training seconds. Because "
         f"{slots} clients train concurrently, the wall time can be *below* that sum (a ratio under 1 is "
         f"parallel speed-up, not negative overhead). The per-slot ratios multiply by the {slots} slots: 1.00 "
         "would mean the cores did nothing but client training; the excess is Ray and worker start-up, model "
         "loading, evaluating every client each round, aggregation, serialisation, and idle slots while a "
         "round's last client finishes. Clients running side by side also slow each other (shared caches and "
-        "memory bandwidth): compare the in-federation tokens/s above with the 1-thread figure in section 1. "
-        f"Per round the server sends the adapter to the {fed.clients_per_round} training clients and to every "
-        f"evaluating client ({messages_down:.0f} messages down); only the training clients send an adapter back.",
+        "memory bandwidth): compare the in-federation tokens/s above with the 1-thread figure in section 1 "
+        "(under DP-SGD, scaled by section 3's step cost). "
+        f"Bytes are payload bytes: down, the adapter to the {fed.clients_per_round} training clients and to "
+        "every evaluating client; up, the training clients' updates (evaluation replies carry only metrics). "
+        "Secure aggregation adds its key, share and unmasking messages and uploads masked int64 values.",
         "",
     ]
 
@@ -232,6 +235,10 @@ def main() -> None:
             sections.append(privacy_cost.secagg_cost(Path(tmp)))
     if args.only == "all" or not args.output.exists():
         text = "\n".join(header + [line for section in sections for line in section])
+        if args.output.exists():  # sections other scripts own (5: compare_strategies.py) survive a full run
+            own = {s.split(" ", 2)[1] for s in ("\n".join(x) for x in sections)}
+            extra = [p for p in args.output.read_text().split("\n## ")[1:] if p.split(" ", 1)[0] not in own]
+            text = text.rstrip("\n") + "\n" + "".join("\n## " + p.rstrip("\n") + "\n" for p in extra)
     else:  # keep the other sections as they were measured, and say when and how these were re-run
         names = "-".join(str(n) for n in sorted(run)[::max(1, len(run) - 1)])
         stamp = f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
