@@ -18,11 +18,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+if TYPE_CHECKING:
+    import datasets
 
 from fedlm.settings import ConfigError, DatasetSettings, RunSettings
 
@@ -162,6 +163,8 @@ def _read_jsonl(file: Path, settings: DatasetSettings) -> tuple[list[str], list[
 
 def _read_hub(settings: DatasetSettings) -> tuple[list[str], list[str], bool]:
     try:
+        import datasets  # here: a deployed client reads only its own files, and every message is a new process
+
         table = datasets.load_dataset(settings.hf_name, split=settings.hf_split)
     except Exception as err:  # network, auth, missing split, script errors: all mean "cannot load"
         raise ConfigError(f"dataset.hf_name={settings.hf_name!r} (split {settings.hf_split!r}) could not be "
@@ -209,6 +212,8 @@ def load_corpus(settings: DatasetSettings, *, num_sources: int, seed: int) -> da
     if not keep:
         where = settings.hf_name if kind == "huggingface" else settings.path or "site-packages"
         raise ConfigError(f"dataset source {kind} ({where}) has no non-empty documents; add text to it")
+    import datasets  # see _read_hub
+
     columns = {"text": [texts[i] for i in keep], "source": [sources[i] for i in keep]}
     if has_field and settings.partition_by not in columns:  # keep the user's grouping field by name
         columns[settings.partition_by] = columns["source"]
@@ -243,6 +248,8 @@ def partition_corpus(corpus: datasets.Dataset, settings: DatasetSettings, num_cl
     Raises:
         ConfigError: if the partitioning column is unknown, or the data cannot give every client a share.
     """
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner  # see _read_hub
+
     kind, by, n_docs = settings.resolved_partitioner(), settings.partition_by, len(corpus)
     if kind != "iid" and by not in corpus.column_names:
         raise ConfigError(f"dataset.partition_by={by!r} is not a field of the data (available: "
@@ -405,18 +412,44 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
 
 # ---------------------------------------------------------------- whole federation
 
-def _fingerprint(settings: RunSettings, tokenizer: Any) -> str:
+def _files_stamp(path: str) -> list[Any]:
+    """Each data file's path, size and modification time, so edited data is not silently reused."""
     stamp: list[Any] = []
-    if settings.dataset.path and Path(settings.dataset.path).expanduser().exists():
-        root = Path(settings.dataset.path).expanduser()  # so edited data files are not silently reused
+    if path and Path(path).expanduser().exists():
+        root = Path(path).expanduser()
         for file in sorted([root] if root.is_file() else (p for p in root.rglob("*.txt") if p.is_file())):
             info = file.stat()
             stamp.append([str(file.resolve()), info.st_size, info.st_mtime_ns])
+    return stamp
+
+
+def _fingerprint(settings: RunSettings, tokenizer: Any, data_path: str | None = None) -> str:
     vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
     payload = {"dataset": dataclasses.asdict(settings.dataset), "num_clients": settings.federation.num_clients,
                "seed": settings.seed, "vocab_size": len(tokenizer), "version": FORMAT_VERSION,
-               "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "vocab": vocab, "files": stamp}
+               "tokenizer": str(getattr(tokenizer, "name_or_path", "")), "vocab": vocab,
+               "files": _files_stamp(settings.dataset.path if data_path is None else data_path)}
+    if data_path is not None:
+        payload["device_data"] = str(Path(data_path).expanduser().resolve())
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_device_data(data_path: str, settings: RunSettings, tokenizer: Any, cache_dir: Path) -> ClientData:
+    """A device's own text (a .txt folder or file, or .jsonl) as token rows, packed with the run's dataset
+    settings and tokenizer; cached in `cache_dir` under a fingerprint, since every message is a new process.
+
+    Raises:
+        ConfigError: naming node config data-path if it is missing, empty or too small.
+    """
+    cached = Path(cache_dir) / f"{_fingerprint(settings, tokenizer, data_path)[:32]}.pt"
+    if cached.is_file():
+        return ClientData.load(cached)
+    texts = load_texts(data_path, settings.dataset, key="node config data-path")
+    data = build_client_data(texts, tokenizer, settings.dataset, settings.seed, f"this device (data-path {data_path})")
+    for stale in Path(cache_dir).glob("*.pt"):  # one cache entry per device: the run settings of today
+        stale.unlink()
+    data.save(cached)
+    return data
 
 
 def _write_json(path: Path, value: Any) -> None:

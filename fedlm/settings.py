@@ -382,6 +382,40 @@ class ServerSettings:
         _check(self.save_every >= 0, f"server.save_every must be >= 0 (got {self.save_every})")
 
 
+DEPLOYMENTS = ("simulation", "superlink")
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """Where a run executes: Flower's Simulation Engine, or a real SuperLink that devices connect to."""
+
+    name: str = "simulation"
+    """`simulation` (one machine, virtual clients) or `superlink` (TLS, authenticated devices; deploy/README.md)."""
+    host: str = "127.0.0.1"
+    """Address the SuperLink binds; 0.0.0.0 accepts devices on other machines."""
+    port: int = 9092
+    """The SuperLink's one HTTPS port (Fleet, Control and Runtime APIs); devices connect to it."""
+    address: str = ""
+    """How the launcher reaches the SuperLink (a name in the server certificate); empty: 127.0.0.1:port."""
+    pki_dir: str = "pki"
+    """From `python -m server.provision init`: ca.pem, server.pem/server.key, devices/, authorized.txt."""
+    state_dir: str = "superlink"
+    """The SuperLink's database (registrations and runs survive restarts), the Flower CLI's home, its log."""
+    connect_timeout: float = 600.0
+    """Seconds to wait for federation.num_clients devices to come online before giving up."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in DEPLOYMENTS,
+               f"deployment={self.name!r} is unknown; choose one of {list(DEPLOYMENTS)}")
+        _check(0 < self.port < 65536, f"deployment.port must be in [1, 65535] (got {self.port}); try 9092")
+        _check(bool(self.host.strip()), "deployment.host is empty; use 127.0.0.1 (this machine) or 0.0.0.0")
+        _check(self.connect_timeout > 0, f"deployment.connect_timeout must be > 0 seconds (got {self.connect_timeout})")
+
+    @property
+    def superlink_address(self) -> str:
+        return self.address or f"127.0.0.1:{self.port}"
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Everything one federated run needs, after Hydra has composed it."""
@@ -395,6 +429,7 @@ class RunSettings:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
     seed: int = 0
     output_dir: str = "outputs/run"
     """Where metrics, the adapter, the report and the prepared client data go."""

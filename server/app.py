@@ -49,7 +49,8 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base, tokenizer = load_base_model(settings.model, settings.cache_dir)
-    prepare_federation(settings, tokenizer, out_dir / "data")  # a no-op when the launcher already did it
+    if settings.deployment.name == "simulation":  # deployed devices bring their own data (node config data-path)
+        prepare_federation(settings, tokenizer, out_dir / "data")  # a no-op when the launcher already did it
     model = apply_lora(base, settings.lora, settings.seed, frozen_a=settings.strategy.frozen_a)
     initial = ndarrays_to_parameters(adapter_to_arrays(model))
     strategy = build_strategy(settings, initial, central_evaluator(settings, model, tokenizer))

@@ -62,6 +62,9 @@ def check_override_keys(overrides: list[str]) -> None:
 def main(cfg: DictConfig) -> float:
     try:
         settings = to_settings(cfg, HydraConfig.get().runtime.output_dir)
+        if settings.deployment.name == "superlink":
+            from simulations.deploy import deploy
+            return deploy(settings).final_perplexity
         return simulate(settings).final_perplexity
     except ConfigError as err:
         # One clear line, no traceback: the message already names the key or file and the fix.

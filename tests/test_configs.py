@@ -12,7 +12,7 @@ from fedlm.settings import RunSettings
 from simulations.run import to_settings
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "dataset", "strategy")}
+GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "dataset", "strategy", "deployment")}
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 

@@ -1,0 +1,226 @@
+"""`python -m client.daemon ...`: the program a device runs. Checks its inputs, then runs a Flower SuperNode.
+
+    python -m client.daemon --superlink server.example.org:9092 --data ~/notes --state-dir ~/.pollinate \\
+        --ca ca.pem --key alice [--max-epsilon 8] [--lora-rank 4] [--trusted-entities trusted.yaml]
+
+Everything that can be wrong on the device (data, key, CA certificate) stops it within seconds with one
+message naming the file and the fix; a SuperLink that is away is waited for (the SuperNode reconnects by
+itself, with backoff), never treated as an error. Packages are never installed at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedlm.settings import ConfigError
+
+PROBE_SECONDS = 5.0
+REFUSED_HINT = ("the SuperLink refused this device's key. Either it is not registered (or was revoked): on the "
+                "server run python -m server.provision register NAME --dir pki; or this device crashed less than "
+                "a minute ago and the SuperLink still holds its old session (Flower expires it after two missed "
+                "30 s heartbeats): start it again then (the systemd unit and container restart it by themselves)")
+WRONG_CA_HINT = "copy the federation's CA certificate (pki/ca.pem on the server) to this device and pass it with --ca"
+
+
+def _readable_file(path: Path, flag: str) -> bytes:
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path} does not exist or is not a file; pass the right path")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{flag} {path} is unreadable ({err.strerror}); fix its permissions") from None
+
+
+def check_data(path: Path) -> None:
+    """The device's private text: a folder with non-empty .txt files, or a non-empty .txt/.jsonl file.
+
+    Raises:
+        ConfigError: naming the path and what to put there.
+    """
+    if not path.exists():
+        raise ConfigError(f"--data {path} does not exist; pass this device's text folder, .txt or .jsonl file")
+    if path.is_dir():
+        try:
+            files = [p for p in path.rglob("*.txt") if p.is_file()]
+            empty = all(not p.read_text(encoding="utf-8", errors="replace").strip() for p in files)
+        except OSError as err:
+            raise ConfigError(f"--data {path} is unreadable ({err.strerror}); fix its permissions") from None
+        if not files or empty:
+            raise ConfigError(f"--data {path} holds no non-empty .txt file; put this device's text there")
+        return
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"--data {path} must be a folder of .txt files, a .txt file or a .jsonl file")
+    if not _readable_file(path, "--data").strip():
+        raise ConfigError(f"--data {path} is empty; put this device's text in it")
+
+
+def check_key(path: Path) -> None:
+    """The device's authentication key: an EC private key in OpenSSH format (python -m server.provision device)."""
+    try:
+        key = load_ssh_private_key(_readable_file(path, "--key"), password=None)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"--key {path} is not an OpenSSH private key ({err}); use the file "
+                          "`python -m server.provision device NAME` wrote for this device (devices/NAME)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"--key {path} is a {type(key).__name__}, but SuperNode authentication needs an EC key; "
+                          "create one with python -m server.provision device NAME")
+
+
+def check_ca(path: Path) -> None:
+    try:
+        x509.load_pem_x509_certificate(_readable_file(path, "--ca"))
+    except ValueError as err:
+        raise ConfigError(f"--ca {path} is not a PEM certificate ({err}); {WRONG_CA_HINT}") from None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--superlink {address!r} must be HOST:PORT, e.g. server.example.org:9092")
+    return host.strip("[]"), int(port)
+
+
+def probe_tls(address: str, ca: Path) -> bool:
+    """Whether the SuperLink answered a TLS handshake checked against `ca`; False if it is not reachable now.
+
+    Raises:
+        ConfigError: it answered with a certificate `ca` does not vouch for (the wrong CA, or a host name the
+            server certificate does not name).
+    """
+    host, port = split_address(address)
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_SECONDS) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+    except ssl.SSLCertVerificationError as err:
+        if "match" in str(err.verify_message or err):
+            raise ConfigError(f"the SuperLink's certificate does not name {host!r} ({err.verify_message}); connect "
+                              "with a name it holds, or re-issue it: python -m server.provision server-cert "
+                              f"--names {host},...") from None
+        raise ConfigError(f"the SuperLink at {address} presented a certificate that --ca {ca} did not sign "
+                          f"({err.verify_message}); {WRONG_CA_HINT}") from None
+    except (OSError, ssl.SSLError):
+        return False  # not up yet, or away: the SuperNode keeps retrying
+
+
+def node_config(args: argparse.Namespace) -> str:
+    """Flower's --node-config: space-separated key=value pairs, values in TOML (JSON strings are valid TOML)."""
+    values = {"data-path": str(args.data.resolve()), "state-dir": str(args.state_dir.resolve()),
+              "max-epsilon": args.max_epsilon, "min-noise-multiplier": args.min_noise_multiplier,
+              "lora-rank": args.lora_rank}
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None)
+
+
+def supernode_command(args: argparse.Namespace) -> list[str]:
+    command = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", args.superlink,
+               "--root-certificates", str(args.ca.resolve()), "--auth-supernode-private-key", str(args.key.resolve()),
+               "--node-config", node_config(args), "--port", str(args.runtime_port)]
+    if args.trusted_entities:
+        command += ["--trusted-entities", str(args.trusted_entities.resolve())]
+    return command
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every check on local input, before anything starts.
+
+    Raises:
+        ConfigError: the first problem found, naming the file and the fix.
+    """
+    split_address(args.superlink)
+    check_data(args.data)
+    check_key(args.key)
+    check_ca(args.ca)
+    if args.trusted_entities:
+        _readable_file(args.trusted_entities, "--trusted-entities")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise ConfigError(f"--lora-rank must be >= 1 (got {args.lora_rank})")
+    try:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        (args.state_dir / ".writable").touch()
+    except OSError as err:
+        raise ConfigError(f"--state-dir {args.state_dir} is not writable ({err.strerror}); choose a folder this "
+                          "user owns (it keeps the privacy ledger)") from None
+
+
+def run_supernode(args: argparse.Namespace) -> int:
+    """Run the SuperNode until it exits or this daemon is told to stop; returns its exit code."""
+    env = {**os.environ, "FLWR_HOME": str((args.state_dir / "flwr").resolve()), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "TOKENIZERS_PARALLELISM": "false",
+           # The SuperNode starts flower-superexec and flwr-clientapp by name: from this Python's environment.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    child = subprocess.Popen(supernode_command(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace")
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda s, _frame: child.send_signal(s))
+    seen: list[str] = []
+    # A thread, not a loop to end-of-file: the SuperNode's detached SuperExec inherits the pipe and keeps it
+    # open until it sees the SuperNode gone, which needs this process to reap the SuperNode first.
+    threading.Thread(target=_forward, args=(child.stdout, seen), daemon=True).start()
+    code = child.wait()
+    time.sleep(0.2)  # the last lines
+    text = "".join(seen)
+    if code and "Failed to activate SuperNode" in text:
+        print(f"Pollinate device: {REFUSED_HINT}", file=sys.stderr)
+    elif code and "CERTIFICATE_VERIFY_FAILED" in text:
+        print(f"Pollinate device: the SuperLink's certificate was not signed by --ca {args.ca}; {WRONG_CA_HINT}",
+              file=sys.stderr)
+    return code
+
+
+def _forward(stream, seen: list[str]) -> None:
+    """Copy the SuperNode's output through, keeping the lines that explain a failure."""
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if "Failed to activate" in line or "CERTIFICATE_VERIFY_FAILED" in line:
+            seen.append(line)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m client.daemon", description=__doc__.split("\n")[0])
+    parser.add_argument("--superlink", required=True, help="HOST:PORT of the federation's SuperLink")
+    parser.add_argument("--data", type=Path, required=True, help="this device's private text: .txt folder/file or .jsonl")
+    parser.add_argument("--state-dir", type=Path, required=True, help="this device's own folder: privacy ledger, caches")
+    parser.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (pki/ca.pem)")
+    parser.add_argument("--key", type=Path, required=True, help="this device's private key (pki/devices/NAME)")
+    parser.add_argument("--max-epsilon", type=float, help="refuse runs whose privacy budget is larger")
+    parser.add_argument("--min-noise-multiplier", type=float, help="refuse runs with less DP-SGD noise")
+    parser.add_argument("--lora-rank", type=int, help="train a lower LoRA rank than the run's lora.r")
+    parser.add_argument("--trusted-entities", type=Path, help="YAML of trusted signers: run signed app bundles only")
+    parser.add_argument("--runtime-port", type=int, default=9094,
+                        help="local port of the SuperNode's runtime API (one per SuperNode on a machine)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_inputs(args)
+        if probe_tls(args.superlink, args.ca):
+            print(f"Pollinate device: SuperLink {args.superlink} answered; its certificate checks out", flush=True)
+        else:
+            print(f"Pollinate device: SuperLink {args.superlink} is not reachable yet; waiting for it", flush=True)
+    except ConfigError as err:
+        print(f"Pollinate device: {err}", file=sys.stderr)
+        return 2
+    return run_supernode(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""One client's local LoRA training and held-out evaluation on its private data (the heavy half of the ClientApp).
+
+Imported only by messages that train or evaluate: see client/app.py."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
+from fedlm.data import ClientData, client_data_path, prepare_device_data
+from fedlm.model import apply_lora, load_base_model
+from fedlm.privacy import (DECLINES, BudgetExceeded, PrivacyLedger, calibrate_noise, clip_update, poisson_rate,
+                           resolve_delta, train_local_dp)
+from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings
+from fedlm.training import TrainResult, evaluate, perplexity, train_local
+
+
+# A few entries, not one: the virtual clients a worker serves may train different ranks (lora.client_ranks),
+# and one slot would reload the base model at every switch. Each entry holds its own copy of the base.
+@functools.lru_cache(maxsize=4)
+def worker_model(model: ModelSettings, lora: LoraSettings, seed: int, cache_dir: str, frozen_a: bool = False,
+                 rank: int | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """Base model + adapter of `rank` (None: lora.r), loaded once per worker process and reused by every round
+    and client it serves."""
+    base, tokenizer = load_base_model(model, cache_dir)
+    return apply_lora(base, lora, seed, frozen_a=frozen_a, rank=rank), tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def simulation_data(output_dir: str, partition_id: int) -> ClientData:
+    """A virtual client's prepared partition (written by the launcher before the run starts)."""
+    return ClientData.load(client_data_path(Path(output_dir) / "data", partition_id))
+
+
+class LoraClient(NumPyClient):
+    """Trains the shared adapter on local data; only adapter tensors and counts ever leave."""
+
+    def __init__(self, settings: RunSettings, partition_id: int, node_config: dict, run_id: int = 0) -> None:
+        self.settings = settings
+        self.partition_id = partition_id
+        self.node_config = node_config
+        self.run_id = run_id
+        torch.set_num_threads(settings.federation.cpus_per_client)
+        self.rank = settings.lora.client_rank(partition_id, node_config.get("lora-rank"))
+        if settings.strategy.frozen_a and self.rank < settings.lora.r:  # see RunSettings.__post_init__
+            raise ConfigError(f"client {partition_id}: lora-rank={self.rank} below lora.r={settings.lora.r} cannot "
+                              "rebuild strategy=frozen_a's global A; use this device's full rank")
+        # At full rank no rank argument: lru_cache keys on the call's exact arguments, so this shares the entry
+        # of callers that never pass one.
+        lower = (self.rank,) if self.rank < settings.lora.r else ()
+        self.model, tokenizer = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir,
+                                             settings.strategy.frozen_a, *lower)
+        data_path = node_config.get("data-path")
+        if data_path:  # a device: its own private text, tokenized once and cached in its state directory
+            self.data = prepare_device_data(str(data_path), settings, tokenizer, self.state_dir / "data")
+        else:
+            self.data = simulation_data(settings.output_dir, partition_id)
+
+    @property
+    def state_dir(self) -> Path:
+        """The device's own directory (node config `state-dir`), or the run's folder in simulation."""
+        state_dir = self.node_config.get("state-dir")
+        return Path(str(state_dir)) if state_dir else Path(self.settings.output_dir)
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        """The file this client keeps its privacy spend in: the device's state directory, or the run's."""
+        if self.node_config.get("state-dir"):
+            return PrivacyLedger(self.state_dir / "privacy_ledger.json")
+        return PrivacyLedger(Path(self.settings.output_dir) / "privacy" / f"client_{self.partition_id}.json")
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return adapter_to_arrays(self.model)
+
+    def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        arrays_to_adapter(self.model, parameters)
+        server_round = int(config.get("round", 0))
+        if self.settings.privacy.enabled:
+            result, metrics = self.train_private(server_round)
+        else:
+            self.check_privacy_floor(None)
+            # A distinct, reproducible stream per (run seed, round, client).
+            seed = self.settings.seed * 1_000_003 + server_round * 1_009 + self.partition_id
+            result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed,
+                                 prox_mu=self.settings.strategy.mu)
+            metrics = {}
+        metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
+                    "train_tokens": result.tokens, "client": self.partition_id}
+        arrays = adapter_to_arrays(self.model)
+        # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
+        weight = min(len(self.data.train), self.settings.federation.max_client_weight)
+        if self.settings.privacy.client_level:
+            # Client-level DP bounds each client's influence: a clipped update, and an equal say for everyone.
+            arrays, weight = clip_update(arrays, parameters, self.settings.privacy.update_clipping_norm), 1
+        if self.settings.secagg.enabled:
+            self.check_clipping_range(arrays)
+            # SecAgg+ quantizes on this side, in the arrays' dtype: float32 cannot resolve 2^30 levels (its
+            # 24-bit mantissa loses ~64 of them). Only the masked integers travel, so precision is free.
+            arrays = [a.astype(np.float64) for a in arrays]
+        return arrays, weight, metrics
+
+    def train_private(self, server_round: int) -> tuple[TrainResult, dict]:
+        """DP-SGD within the client's lifetime budget; the spend is on disk before the update leaves.
+
+        Raises:
+            BudgetExceeded: this round would take the client past its budget, or it already trained it.
+        """
+        privacy, train, n = self.settings.privacy, self.settings.train, len(self.data.train)
+        ledger, key = self.ledger, f"run {self.run_id} round {server_round}"
+        if ledger.path.exists():
+            self.check_privacy_floor(ledger.noise_multiplier)
+        else:  # first round ever: fix the noise once, for the whole horizon
+            rate, delta = poisson_rate(train, n), resolve_delta(privacy, n)
+            horizon = (privacy.horizon_rounds or self.settings.federation.rounds) * train.local_steps
+            noise = calibrate_noise(privacy, sample_rate=rate, steps=horizon, delta=delta)
+            self.check_privacy_floor(noise)
+            ledger.open(noise_multiplier=noise, sample_rate=rate, delta=delta,
+                        target_epsilon=privacy.target_epsilon, accountant=privacy.accountant)
+        if ledger.has_spent(key):
+            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: it already trained {key} (an instruction "
+                                 "delivered twice is never spent twice)")
+        projected = ledger.projected_epsilon(train.local_steps)
+        if projected > ledger.target_epsilon:
+            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: it would take its epsilon from "
+                                 f"{ledger.epsilon:.3f} to {projected:.3f}, past its lifetime budget "
+                                 f"{ledger.target_epsilon:g}")
+        # Poisson sampling must stay secret (amplification by subsampling assumes it), so it is not drawn
+        # from the run's public seed.
+        result = train_local_dp(self.model, self.data.train, self.data.train_mask, train, privacy,
+                                noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate,
+                                seed=secrets.randbits(63), prox_mu=self.settings.strategy.mu)
+        epsilon = ledger.record(key, train.local_steps)
+        return result, {"epsilon": epsilon, "delta": ledger.delta, "noise_multiplier": ledger.noise_multiplier}
+
+    def check_privacy_floor(self, noise_multiplier: float | None) -> None:
+        """A device may demand at least some privacy (node config); a run asking for less is refused.
+
+        Raises:
+            BudgetExceeded: naming the run's setting and the device's floor.
+        """
+        max_epsilon, min_noise = self.node_config.get("max-epsilon"), self.node_config.get("min-noise-multiplier")
+        target = self.settings.privacy.target_epsilon
+        refusal = None
+        if noise_multiplier is None and (max_epsilon is not None or min_noise is not None):
+            refusal = "the run has privacy=disabled but this device requires differential privacy"
+        elif max_epsilon is not None and target > float(max_epsilon):
+            refusal = (f"the run's privacy.target_epsilon={target:g} exceeds this device's "
+                       f"max-epsilon={float(max_epsilon):g}")
+        elif min_noise is not None and noise_multiplier < float(min_noise):
+            refusal = (f"the run's noise multiplier {noise_multiplier:.3g} (from privacy.target_epsilon={target:g}) "
+                       f"is below this device's min-noise-multiplier={float(min_noise):g}")
+        if refusal:
+            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: {refusal}")
+
+    def check_clipping_range(self, arrays: list[np.ndarray]) -> None:
+        """Refuse to send values SecAgg+ would clip silently: the sum would be wrong without anyone knowing."""
+        largest = max(float(np.abs(a).max()) for a in arrays)
+        limit = self.settings.secagg.clipping_range
+        if largest > limit:
+            raise ValueError(f"client {self.partition_id}: an adapter value of {largest:.3g} lies outside "
+                             f"secagg.clipping_range={limit}, which SecAgg+ would clip silently; raise "
+                             f"secagg.clipping_range to at least {2 * largest:.3g} or lower train.learning_rate")
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        arrays_to_adapter(self.model, parameters)
+        limit = self.settings.train.max_eval_sequences
+        loss, tokens = evaluate(self.model, self.data.eval[:limit], self.data.eval_mask[:limit])
+        return loss, tokens, {"perplexity": perplexity(loss), "client": self.partition_id}

@@ -1,0 +1,187 @@
+"""Run a federation on a real SuperLink (`deployment=superlink`): TLS, authenticated devices, a persistent state.
+
+Starts `flower-superlink`, makes it accept exactly the authorized devices (server/provision.py), waits for
+federation.num_clients of them to come online, submits the run with `flwr run` (the settings as one JSON
+value, as in simulation) and streams its log. The ServerApp writes the same outputs as a simulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedlm.settings import ConfigError, RunSettings
+from server.provision import authorized, flwr_cli, sync_registrations, write_connection
+from simulations.launch import OFFLINE_ENV, RunOutcome
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml [tool.flwr.app]) that is submitted
+PKI_FILES = ("ca.pem", "server.pem", "server.key")
+START_TIMEOUT = 60.0
+
+
+def log(message: str) -> None:
+    print(f"[deploy] {message}", flush=True)
+
+
+def absolute_paths(settings: RunSettings) -> RunSettings:
+    """The ServerApp runs in another process and directory: every local path it reads must be absolute."""
+    model = settings.model
+    if Path(model.name_or_path).expanduser().is_dir():
+        model = dataclasses.replace(model, name_or_path=str(Path(model.name_or_path).expanduser().resolve()))
+    server = settings.server
+    if server.central_eval_path:
+        server = dataclasses.replace(server, central_eval_path=str(Path(server.central_eval_path).expanduser().resolve()))
+    return dataclasses.replace(settings, model=model, server=server,
+                               output_dir=str(Path(settings.output_dir).expanduser().resolve()),
+                               cache_dir=str(Path(settings.cache_dir).expanduser().resolve()) if settings.cache_dir else "")
+
+
+def check_inputs(settings: RunSettings) -> None:
+    """Certificates, authorized devices and the model, before anything starts.
+
+    Raises:
+        ConfigError: naming the missing file or the count, and the provisioning command that fixes it.
+    """
+    pki = Path(settings.deployment.pki_dir)
+    for name in PKI_FILES:
+        if not (pki / name).is_file():
+            raise ConfigError(f"deployment.pki_dir={str(pki)!r} lacks {name}; create the federation's keys first: "
+                              f"python -m server.provision init --dir {pki} --devices alice,bob,carol")
+    devices, need = authorized(pki), settings.federation.num_clients
+    if len(devices) < need:
+        raise ConfigError(f"federation.num_clients={need} but {pki / 'authorized.txt'} authorizes {len(devices)} "
+                          f"device(s) ({', '.join(devices) or 'none'}); authorize more (python -m server.provision "
+                          f"device NAME --dir {pki}, then register NAME) or lower federation.num_clients")
+
+
+def _answers_tls(address: str, ca: Path) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2) as raw:
+            with ssl.create_default_context(cafile=str(ca)).wrap_socket(raw, server_hostname=host):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    # The SuperLink starts flower-superexec and flwr-serverapp by name: from this Python's environment.
+    return {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@contextmanager
+def superlink(settings: RunSettings) -> Iterator[Path]:
+    """A running SuperLink (TLS, device authentication, database in deployment.state_dir); yields the CLI home."""
+    d = settings.deployment
+    pki, state = Path(d.pki_dir).resolve(), Path(d.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    home = state / "flwr-home"
+    write_connection(home, d.superlink_address, pki / "ca.pem")
+    command = [str(Path(sys.executable).with_name("flower-superlink")),
+               "--ssl-ca-certfile", str(pki / "ca.pem"), "--ssl-certfile", str(pki / "server.pem"),
+               "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth",
+               "--database", str(state / "superlink.db"), "--host", d.host, "--port", str(d.port),
+               "--disable-runtime-dependency-installation"]
+    log_path = state / "superlink.log"
+    with log_path.open("a") as log_file:
+        # Its own process group: stopping it also stops what it started (SuperExec, the ServerApp).
+        process = subprocess.Popen(command, env=flwr_env(home), stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _answers_tls(d.superlink_address, pki / "ca.pem"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
+                raise RuntimeError(f"the SuperLink did not start on {d.host}:{d.port} (see {log_path}):\n{tail}")
+            time.sleep(0.5)
+        log(f"SuperLink up on {d.host}:{d.port} (TLS, device authentication; state {state})")
+        yield home
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def online_devices(home: Path) -> int:
+    done = flwr_cli(["supernode", "list", "pollinate", "--format", "json"], home)
+    try:
+        return sum(n.get("status") == "online" for n in json.loads(done.stdout).get("nodes", []))
+    except json.JSONDecodeError:
+        return 0
+
+
+def wait_for_devices(settings: RunSettings, home: Path) -> None:
+    need, timeout = settings.federation.num_clients, settings.deployment.connect_timeout
+    deadline, last = time.monotonic() + timeout, -1
+    while (online := online_devices(home)) < need:
+        if online != last:
+            log(f"{online}/{need} devices online; waiting (devices run: python -m client.daemon ...)")
+            last = online
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {online} of federation.num_clients={need} devices came online within "
+                               f"deployment.connect_timeout={timeout:g} s; start more devices or lower num_clients")
+        time.sleep(1.0)
+    log(f"{online}/{need} devices online")
+
+
+def submit(settings: RunSettings, home: Path) -> None:
+    """`flwr run` of this app with the settings as its run config, streaming the run's log until it ends."""
+    out_dir = Path(settings.output_dir)
+    run_config = out_dir / "run_config.toml"
+    run_config.write_text(f"settings = {json.dumps(settings.to_json())}\n")
+    command = [str(Path(sys.executable).with_name("flwr")), "run", str(APP_DIR), "pollinate",
+               "--run-config", str(run_config), "--stream"]
+    done = subprocess.run(command, env=flwr_env(home))
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr run exited with code {done.returncode}; see the log above and "
+                           f"{Path(settings.deployment.state_dir) / 'superlink.log'}")
+
+
+def deploy(settings: RunSettings) -> RunOutcome:
+    """Check, start the SuperLink, register devices, wait for them, run, stop; returns the metrics rows."""
+    settings = absolute_paths(settings)
+    check_inputs(settings)
+    from simulations.launch import make_offline_safe
+    from fedlm.model import load_base_model
+
+    make_offline_safe()
+    out_dir = Path(settings.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_base_model(settings.model, settings.cache_dir)  # fails here on a bad model; builds `embedded` once
+    (out_dir / "settings.json").write_text(json.dumps(json.loads(settings.to_json()), indent=2))
+    start = time.perf_counter()
+    with superlink(settings) as home:
+        ids = sync_registrations(Path(settings.deployment.pki_dir), home)
+        log(f"authorized devices: {', '.join(f'{n} (node {i})' for n, i in ids.items())}")
+        wait_for_devices(settings, home)
+        submit(settings, home)
+    metrics = out_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    if len(rows) < settings.federation.rounds + 1:
+        raise RuntimeError(f"the run ended after {max(len(rows) - 1, 0)} of {settings.federation.rounds} rounds; "
+                           f"see the log above and {Path(settings.deployment.state_dir) / 'superlink.log'}")
+    outcome = RunOutcome(out_dir, rows)
+    log(f"{len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity "
+        f"{outcome.initial_perplexity:.2f} -> {outcome.final_perplexity:.2f}. Outputs: {out_dir}")
+    return outcome
+

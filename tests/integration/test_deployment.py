@@ -1,0 +1,193 @@
+"""Real deployment on loopback: a SuperLink with TLS and device authentication, three device daemons (real
+processes), runs with DP-SGD and SecAgg+; refused devices; a SuperLink restart; a device killed mid-round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_text
+from fedlm.settings import RunSettings, settings_from_dict
+from server.provision import create_ca, create_device, create_server_cert, set_authorized, sync_registrations
+from simulations.deploy import deploy, superlink
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+DEVICES = ("alice", "bob", "carol")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    """One device: `python -m client.daemon` in its own process group (so killing it kills its SuperNode)."""
+
+    args: list[str]
+    log: Path
+    process: subprocess.Popen | None = None
+    starts: int = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "client.daemon", *self.args], cwd=ROOT,
+                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def count(self, needle: str) -> int:
+        return self.text().count(needle)
+
+
+@dataclass
+class Federation:
+    root: Path
+    pki: Path
+    port: int
+    model: Path
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+
+    def daemon_args(self, name: str, key: str | None = None, ca: Path | None = None) -> list[str]:
+        data = self.root / "data" / name
+        return ["--superlink", f"127.0.0.1:{self.port}", "--data", str(data), "--state-dir",
+                str(self.root / "state" / name), "--ca", str(ca or self.pki / "ca.pem"),
+                "--key", str(self.pki / "devices" / (key or name)), "--runtime-port", str(free_port())]
+
+    def settings(self, name: str, rounds: int, secagg_timeout: float) -> RunSettings:
+        return settings_from_dict(RunSettings, {
+            "model": {"name_or_path": str(self.model)},
+            "dataset": {"seq_len": 32, "min_train_sequences": 4, "min_eval_sequences": 1},
+            "federation": {"num_clients": 3, "clients_per_round": 3, "rounds": rounds},
+            "train": {"local_steps": 2, "batch_size": 4, "max_eval_sequences": 4},
+            # Three rounds in all over the two runs: the second run spends the rest of each device's budget.
+            "privacy": {"name": "dp_sgd", "target_epsilon": 8.0, "horizon_rounds": 3},
+            # Three clients: two shares unmask a dropped one.
+            "secagg": {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2,
+                       "timeout": secagg_timeout},
+            "deployment": {"name": "superlink", "port": self.port, "pki_dir": str(self.pki),
+                           "state_dir": str(self.root / "superlink"), "connect_timeout": 180.0},
+            "output_dir": str(self.root / name),
+        })
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, tiny_llama_dir):
+    root = tmp_path_factory.mktemp("deployment")
+    pki = root / "pki"
+    create_ca(pki)
+    create_server_cert(pki, ["localhost", "127.0.0.1"])
+    for name in (*DEVICES, "stranger"):
+        create_device(pki, name)
+    for name in DEVICES:
+        set_authorized(pki, name, allowed=True)
+    fed = Federation(root, pki, free_port(), tiny_llama_dir)
+    for i, name in enumerate(DEVICES):
+        data = root / "data" / name
+        data.mkdir(parents=True)
+        for j in range(4):
+            (data / f"doc{j}.txt").write_text(make_text(700 + 10 * i + j, 400))
+        # Started before any SuperLink exists: a device waits for the server rather than failing.
+        fed.daemons[name] = Daemon(fed.daemon_args(name), root / f"{name}.log")
+        fed.daemons[name].start()
+    yield fed
+    for daemon in fed.daemons.values():
+        daemon.kill()
+
+
+def _run(fed: Federation, settings: RunSettings) -> list[dict]:
+    deploy(settings)
+    return [json.loads(line) for line in (Path(settings.output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_refused_devices_exit_with_a_clear_message(federation, tmp_path):
+    """An unregistered key is refused by the SuperLink; a CA that did not sign it stops the device in seconds."""
+    wrong_ca = create_ca(tmp_path / "other-pki")
+    with superlink(federation.settings("refusals", 1, 30.0)) as home:
+        sync_registrations(federation.pki, home)
+        stranger = Daemon(federation.daemon_args("alice", key="stranger"), tmp_path / "stranger.log")
+        misled = Daemon(federation.daemon_args("bob", ca=wrong_ca), tmp_path / "misled.log")
+        stranger.start()
+        start = time.monotonic()
+        misled.start()
+        try:
+            assert misled.process.wait(timeout=30) == 2
+            misled_seconds = time.monotonic() - start
+            assert stranger.process.wait(timeout=60) != 0
+        finally:
+            stranger.kill()
+            misled.kill()
+    assert "refused this device's key" in stranger.text() and "provision register" in stranger.text()
+    assert f"--ca {wrong_ca} did not sign" in misled.text() and "pki/ca.pem" in misled.text()
+    assert misled_seconds < 30  # before starting any SuperNode: no retries
+
+
+def test_two_rounds_with_dp_and_secagg_over_tls(federation):
+    settings = federation.settings("first", rounds=2, secagg_timeout=120.0)
+    rows = _run(federation, settings)
+    out = Path(settings.output_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 3]
+    assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] < 8.0  # spends accumulate, within budget
+    assert all(r["eval_perplexity"] > 1 for r in rows)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
+    assert not (out / "data").exists()  # devices brought their own data
+    for name in DEVICES:
+        ledger = json.loads((federation.root / "state" / name / "privacy_ledger.json").read_text())
+        assert [h["key"].split()[-1] for h in ledger["history"]] == ["1", "2"]  # each device's own spend
+        assert any((federation.root / "state" / name / "data").glob("*.pt"))  # its tokenized text, cached
+        assert federation.daemons[name].starts == 1  # same processes since the start: they reconnected
+
+
+def test_superlink_restart_and_a_device_killed_mid_round(federation):
+    """The launcher restarts the SuperLink (same database): devices reconnect by themselves. One device is
+    killed while it trains; SecAgg+ completes the round from the other two, and the device comes back."""
+    settings = federation.settings("second", rounds=1, secagg_timeout=60.0)
+    victim = federation.daemons["carol"]
+    trained_before = victim.count("Receiving: train message")
+    errors: list[BaseException] = []
+    runner = threading.Thread(target=lambda: _capture(errors, deploy, settings))
+    runner.start()
+    # SecAgg+'s third training message of the round carries the global adapter: the device trains now.
+    while runner.is_alive() and victim.count("Receiving: train message") < trained_before + 3:
+        time.sleep(0.5)
+    victim.kill()
+    while runner.is_alive():  # a restarted device is refused until its old session expires (about a minute)
+        if victim.process.poll() is not None:
+            victim.start()
+        runner.join(timeout=10)
+    assert not errors, errors
+    rows = [json.loads(line) for line in (Path(settings.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["clients_ok"] == 2, rows[1]
+    assert rows[1]["eval_clients"] == 3  # the killed device rejoined for evaluation
+    for name in ("alice", "bob"):
+        assert federation.daemons[name].starts == 1
+        assert federation.daemons[name].count("Connection successful") >= 2  # after each SuperLink restart
+    first = [json.loads(x) for x in (federation.root / "first" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["epsilon_max"] > first[2]["epsilon_max"]  # the ledgers carried over between runs
+
+
+def _capture(errors: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException as err:  # re-raised in the test's thread by the assertion on `errors`
+        errors.append(err)
