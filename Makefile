@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-strategies clean
+.PHONY: demo test bench bench-strategies bench-deploy clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ bench: $(STAMP)
 
 bench-strategies: $(STAMP)  # about 25 minutes: every strategy, DP off and at epsilon 8
 	$(PY) benchmarks/compare_strategies.py $(ARGS)
+
+bench-deploy: $(STAMP)  # about 10 minutes: a loopback deployment (SuperLink + 3 devices) against a simulation
+	$(PY) benchmarks/deployment.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

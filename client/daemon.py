@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedlm.settings import ConfigError
 
 PROBE_SECONDS = 5.0
-REFUSED_HINT = ("the SuperLink refused this device's key. Either it is not registered (or was revoked): on the "
-                "server run python -m server.provision register NAME --dir pki; or this device crashed less than "
-                "a minute ago and the SuperLink still holds its old session (Flower expires it after two missed "
-                "30 s heartbeats): start it again then (the systemd unit and container restart it by themselves)")
+REFUSED_RETRY_SECONDS = 5.0
+REFUSED_HINT = ("the SuperLink refused this device's key: it is not registered, or was revoked. On the server: "
+                "python -m server.provision register NAME --dir pki (it takes effect when the server starts, or "
+                "at once with --superlink HOST:PORT)")
 WRONG_CA_HINT = "copy the federation's CA certificate (pki/ca.pem on the server) to this device and pass it with --ca"
 
 
@@ -157,30 +157,64 @@ def check_inputs(args: argparse.Namespace) -> None:
                           "user owns (it keeps the privacy ledger)") from None
 
 
-def run_supernode(args: argparse.Namespace) -> int:
-    """Run the SuperNode until it exits or this daemon is told to stop; returns its exit code."""
-    env = {**os.environ, "FLWR_HOME": str((args.state_dir / "flwr").resolve()), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "TOKENIZERS_PARALLELISM": "false",
-           # The SuperNode starts flower-superexec and flwr-clientapp by name: from this Python's environment.
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    child = subprocess.Popen(supernode_command(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace")
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda s, _frame: child.send_signal(s))
-    seen: list[str] = []
-    # A thread, not a loop to end-of-file: the SuperNode's detached SuperExec inherits the pipe and keeps it
-    # open until it sees the SuperNode gone, which needs this process to reap the SuperNode first.
-    threading.Thread(target=_forward, args=(child.stdout, seen), daemon=True).start()
-    code = child.wait()
-    time.sleep(0.2)  # the last lines
-    text = "".join(seen)
-    if code and "Failed to activate SuperNode" in text:
-        print(f"Pollinate device: {REFUSED_HINT}", file=sys.stderr)
-    elif code and "CERTIFICATE_VERIFY_FAILED" in text:
-        print(f"Pollinate device: the SuperLink's certificate was not signed by --ca {args.ca}; {WRONG_CA_HINT}",
-              file=sys.stderr)
-    return code
+def supernode_env(args: argparse.Namespace) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str((args.state_dir / "flwr").resolve()), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            # The SuperNode starts flower-superexec and flwr-clientapp by name: from this Python's environment.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+class SuperNodeRunner:
+    """Runs the SuperNode, forwards stop signals to it, and explains the failures a device owner can fix."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.child: subprocess.Popen | None = None
+        self.stopping = False
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.stopping = True
+        if self.child and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run_once(self) -> tuple[int, str]:
+        self.child = subprocess.Popen(supernode_command(self.args), env=supernode_env(self.args),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        seen: list[str] = []
+        # A thread, not a loop to end-of-file: the SuperNode's detached SuperExec inherits the pipe and keeps it
+        # open until it sees the SuperNode gone, which needs this process to reap the SuperNode first.
+        threading.Thread(target=_forward, args=(self.child.stdout, seen), daemon=True).start()
+        code = self.child.wait()
+        time.sleep(0.2)  # the last lines
+        return code, "".join(seen)
+
+    def __call__(self) -> int:
+        """Run until the SuperNode exits or this daemon is told to stop; returns the exit code.
+
+        A refused key is retried for --refused-grace seconds only: a SuperLink registers its devices just after
+        it starts, and keeps a crashed device's old session for up to a minute; past that, it is an error.
+        """
+        deadline = time.monotonic() + self.args.refused_grace
+        while True:
+            code, text = self.run_once()
+            refused = "Failed to activate SuperNode" in text
+            if code and refused and not self.stopping and time.monotonic() < deadline:
+                print("Pollinate device: the SuperLink refused this device's key; trying again in "
+                      f"{REFUSED_RETRY_SECONDS:g} s (for up to --refused-grace={self.args.refused_grace:g} s)",
+                      file=sys.stderr, flush=True)
+                time.sleep(REFUSED_RETRY_SECONDS)
+                if not self.stopping:
+                    continue
+            break
+        if code and refused:
+            print(f"Pollinate device: {REFUSED_HINT}", file=sys.stderr)
+        elif code and "CERTIFICATE_VERIFY_FAILED" in text:
+            print(f"Pollinate device: the SuperLink's certificate was not signed by --ca {self.args.ca}; "
+                  f"{WRONG_CA_HINT}", file=sys.stderr)
+        return code
 
 
 def _forward(stream, seen: list[str]) -> None:
@@ -203,6 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-noise-multiplier", type=float, help="refuse runs with less DP-SGD noise")
     parser.add_argument("--lora-rank", type=int, help="train a lower LoRA rank than the run's lora.r")
     parser.add_argument("--trusted-entities", type=Path, help="YAML of trusted signers: run signed app bundles only")
+    parser.add_argument("--refused-grace", type=float, default=90.0,
+                        help="seconds to keep retrying a refused key before exiting: covers the SuperLink's start-up "
+                        "and a crashed session of this device, which Flower expires after two missed 30 s heartbeats")
     parser.add_argument("--runtime-port", type=int, default=9094,
                         help="local port of the SuperNode's runtime API (one per SuperNode on a machine)")
     return parser.parse_args(argv)
@@ -219,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"Pollinate device: {err}", file=sys.stderr)
         return 2
-    return run_supernode(args)
+    return SuperNodeRunner(args)()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -161,6 +162,8 @@ def deploy(settings: RunSettings) -> RunOutcome:
     """Check, start the SuperLink, register devices, wait for them, run, stop; returns the metrics rows."""
     settings = absolute_paths(settings)
     check_inputs(settings)
+    if threading.current_thread() is threading.main_thread():  # systemd's stop: leave through the finally blocks
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     from simulations.launch import make_offline_safe
     from fedlm.model import load_base_model
 

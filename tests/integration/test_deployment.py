@@ -124,7 +124,9 @@ def test_refused_devices_exit_with_a_clear_message(federation, tmp_path):
     wrong_ca = create_ca(tmp_path / "other-pki")
     with superlink(federation.settings("refusals", 1, 30.0)) as home:
         sync_registrations(federation.pki, home)
-        stranger = Daemon(federation.daemon_args("alice", key="stranger"), tmp_path / "stranger.log")
+        # No grace: a refused key is retried for 90 s by default (a SuperLink registers devices after it starts).
+        stranger = Daemon([*federation.daemon_args("alice", key="stranger"), "--refused-grace", "0"],
+                          tmp_path / "stranger.log")
         misled = Daemon(federation.daemon_args("bob", ca=wrong_ca), tmp_path / "misled.log")
         stranger.start()
         start = time.monotonic()
