@@ -1,5 +1,5 @@
 """Real deployment on loopback: a SuperLink with TLS and device authentication, three device daemons (real
-processes), runs with DP-SGD and SecAgg+; refused devices; a SuperLink restart; a device killed mid-round."""
+processes), a run with DP-SGD and SecAgg+; refused devices; a SuperLink restart; a device killed mid-round."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.conftest import make_text
 from fedlm.settings import RunSettings, settings_from_dict
 from server.provision import create_ca, create_device, create_server_cert, set_authorized, sync_registrations
-from simulations.deploy import deploy, superlink
+from simulations.deploy import deploy, superlink, wait_for_devices
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,8 +81,7 @@ class Federation:
             "dataset": {"seq_len": 32, "min_train_sequences": 4, "min_eval_sequences": 1},
             "federation": {"num_clients": 3, "clients_per_round": 3, "rounds": rounds},
             "train": {"local_steps": 2, "batch_size": 4, "max_eval_sequences": 4},
-            # Three rounds in all over the two runs: the second run spends the rest of each device's budget.
-            "privacy": {"name": "dp_sgd", "target_epsilon": 8.0, "horizon_rounds": 3},
+            "privacy": {"name": "dp_sgd", "target_epsilon": 8.0},
             # Three clients: two shares unmask a dropped one.
             "secagg": {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2,
                        "timeout": secagg_timeout},
@@ -109,20 +110,20 @@ def federation(tmp_path_factory, tiny_llama_dir):
         # Started before any SuperLink exists: a device waits for the server rather than failing.
         fed.daemons[name] = Daemon(fed.daemon_args(name), root / f"{name}.log")
         fed.daemons[name].start()
+    # A first SuperLink, stopped once every device is online: the run's SuperLink is a restart for them.
+    settings = fed.settings("warm-up", rounds=1, secagg_timeout=60.0)
+    with superlink(settings) as home:
+        sync_registrations(pki, home)
+        wait_for_devices(settings, home)
     yield fed
     for daemon in fed.daemons.values():
         daemon.kill()
 
 
-def _run(fed: Federation, settings: RunSettings) -> list[dict]:
-    deploy(settings)
-    return [json.loads(line) for line in (Path(settings.output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_refused_devices_exit_with_a_clear_message(federation, tmp_path):
     """An unregistered key is refused by the SuperLink; a CA that did not sign it stops the device in seconds."""
     wrong_ca = create_ca(tmp_path / "other-pki")
-    with superlink(federation.settings("refusals", 1, 30.0)) as home:
+    with superlink(federation.settings("refusals", rounds=1, secagg_timeout=30.0)) as home:
         sync_registrations(federation.pki, home)
         # No grace: a refused key is retried for 90 s by default (a SuperLink registers devices after it starts).
         stranger = Daemon([*federation.daemon_args("alice", key="stranger"), "--refused-grace", "0"],
@@ -143,34 +144,19 @@ def test_refused_devices_exit_with_a_clear_message(federation, tmp_path):
     assert misled_seconds < 30  # before starting any SuperNode: no retries
 
 
-def test_two_rounds_with_dp_and_secagg_over_tls(federation):
-    settings = federation.settings("first", rounds=2, secagg_timeout=120.0)
-    rows = _run(federation, settings)
-    out = Path(settings.output_dir)
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    assert [r["clients_ok"] for r in rows[1:]] == [3, 3]
-    assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] < 8.0  # spends accumulate, within budget
-    assert all(r["eval_perplexity"] > 1 for r in rows)
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
-    assert not (out / "data").exists()  # devices brought their own data
-    for name in DEVICES:
-        ledger = json.loads((federation.root / "state" / name / "privacy_ledger.json").read_text())
-        assert [h["key"].split()[-1] for h in ledger["history"]] == ["1", "2"]  # each device's own spend
-        assert any((federation.root / "state" / name / "data").glob("*.pt"))  # its tokenized text, cached
-        assert federation.daemons[name].starts == 1  # same processes since the start: they reconnected
-
-
-def test_superlink_restart_and_a_device_killed_mid_round(federation):
-    """The launcher restarts the SuperLink (same database): devices reconnect by themselves. One device is
-    killed while it trains; SecAgg+ completes the round from the other two, and the device comes back."""
-    settings = federation.settings("second", rounds=1, secagg_timeout=60.0)
+def test_two_rounds_over_tls_with_dp_secagg_a_superlink_restart_and_a_device_killed(federation):
+    """The devices reconnect to a restarted SuperLink by themselves; two rounds with DP-SGD and SecAgg+ leave a
+    simulation's outputs. One device is killed while it trains in round 2: SecAgg+ completes the round from the
+    other two, and the device, restarted, rejoins for evaluation."""
+    settings = federation.settings("run", rounds=2, secagg_timeout=60.0)
     victim = federation.daemons["carol"]
+    reconnects = {n: d.count("Connection successful") for n, d in federation.daemons.items()}
     trained_before = victim.count("Receiving: train message")
     errors: list[BaseException] = []
-    runner = threading.Thread(target=lambda: _capture(errors, deploy, settings))
+    runner = threading.Thread(target=_capture, args=(errors, deploy, settings))
     runner.start()
-    # SecAgg+'s third training message of the round carries the global adapter: the device trains now.
-    while runner.is_alive() and victim.count("Receiving: train message") < trained_before + 3:
+    # Round 1 is SecAgg+'s four training messages; round 2's third carries the global adapter: carol trains.
+    while runner.is_alive() and victim.count("Receiving: train message") < trained_before + 7:
         time.sleep(0.5)
     victim.kill()
     while runner.is_alive():  # a restarted device is refused until its old session expires (about a minute)
@@ -178,14 +164,21 @@ def test_superlink_restart_and_a_device_killed_mid_round(federation):
             victim.start()
         runner.join(timeout=10)
     assert not errors, errors
-    rows = [json.loads(line) for line in (Path(settings.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["clients_ok"] == 2, rows[1]
-    assert rows[1]["eval_clients"] == 3  # the killed device rejoined for evaluation
+
+    out = Path(settings.output_dir)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 2]  # round 2 completed from the two survivors
+    assert [r["eval_clients"] for r in rows] == [3, 3, 3]  # carol rejoined for round 2's evaluation
+    assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] <= 8.0  # spends accumulate, within budget
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
+    assert not (out / "data").exists()  # devices brought their own data
     for name in ("alice", "bob"):
-        assert federation.daemons[name].starts == 1
-        assert federation.daemons[name].count("Connection successful") >= 2  # after each SuperLink restart
-    first = [json.loads(x) for x in (federation.root / "first" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1]["epsilon_max"] > first[2]["epsilon_max"]  # the ledgers carried over between runs
+        daemon = federation.daemons[name]
+        assert daemon.starts == 1 and daemon.count("Connection successful") > reconnects[name]  # by themselves
+        ledger = json.loads((federation.root / "state" / name / "privacy_ledger.json").read_text())
+        assert [h["key"].split()[-1] for h in ledger["history"]] == ["1", "2"]  # each device's own spend
+        assert any((federation.root / "state" / name / "data").glob("*.pt"))  # its tokenized text, cached
 
 
 def _capture(errors: list, fn, *args) -> None:
@@ -193,3 +186,35 @@ def _capture(errors: list, fn, *args) -> None:
         fn(*args)
     except BaseException as err:  # re-raised in the test's thread by the assertion on `errors`
         errors.append(err)
+
+
+def test_a_device_with_trusted_entities_refuses_an_unsigned_bundle(tmp_path, tiny_llama_dir):
+    """`--trusted-entities`: a bundle submitted from a local folder carries no signature, so the device runs
+    nothing of it (Flower answers each message with an error) and never touches its data."""
+    pki = tmp_path / "pki"
+    create_ca(pki)
+    create_server_cert(pki, ["127.0.0.1"])
+    create_device(pki, "dave")
+    set_authorized(pki, "dave", allowed=True)
+    signer = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+    (tmp_path / "trusted.yaml").write_text(f'fpk_pollinate_release: "{signer.decode()} release@example.org"\n')
+    fed = Federation(tmp_path, pki, free_port(), tiny_llama_dir)
+    (tmp_path / "data" / "dave").mkdir(parents=True)
+    (tmp_path / "data" / "dave" / "notes.txt").write_text(make_text(900, 400))
+    dave = Daemon([*fed.daemon_args("dave"), "--trusted-entities", str(tmp_path / "trusted.yaml")],
+                  tmp_path / "dave.log")
+    dave.start()
+    settings = settings_from_dict(RunSettings, {
+        **json.loads(fed.settings("signed", rounds=1, secagg_timeout=30.0).to_json()),
+        "federation": {"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+        "privacy": {"name": "disabled"}, "secagg": {"name": "disabled"}})
+    try:
+        outcome = deploy(settings)
+    except RuntimeError:
+        outcome = None  # a run whose every reply is an error may end early: the device's log is what counts
+    finally:
+        dave.kill()
+    assert "FAB verification failed" in dave.text() or "could not be verified" in dave.text()
+    assert not (tmp_path / "state" / "dave" / "data").exists()  # no message reached the training code
+    if outcome is not None:
+        assert all(r["clients_ok"] == 0 for r in outcome.rows[1:])
