@@ -184,7 +184,9 @@ def deploy(settings: RunSettings) -> RunOutcome:
         raise RuntimeError(f"the run ended after {max(len(rows) - 1, 0)} of {settings.federation.rounds} rounds; "
                            f"see the log above and {Path(settings.deployment.state_dir) / 'superlink.log'}")
     outcome = RunOutcome(out_dir, rows)
-    log(f"{len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity "
-        f"{outcome.initial_perplexity:.2f} -> {outcome.final_perplexity:.2f}. Outputs: {out_dir}")
+    first, last = (f"{p:.2f}" if p is not None else "n/a (no client evaluated)"
+                   for p in (outcome.initial_perplexity, outcome.final_perplexity))
+    log(f"{len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity {first} -> {last}. "
+        f"Outputs: {out_dir}")
     return outcome
 
