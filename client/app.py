@@ -47,8 +47,9 @@ def build_client_app(settings: RunSettings | None = None, extra_mods: tuple = ()
         from client.lora_client import LoraClient  # here, not above: see the module docstring
 
         run_settings = settings or settings_from_run_config(context.run_config)
-        # A device has no partition: its node id names it in metrics and seeds (simulation sets partition-id).
-        partition_id = int(context.node_config.get("partition-id", context.node_id))
+        # A device has no partition: its node id names it in metrics and seeds (simulation sets partition-id),
+        # folded to 31 bits so seeds derived from it stay within torch's 64-bit range.
+        partition_id = int(context.node_config.get("partition-id", context.node_id % 2**31))
         return LoraClient(run_settings, partition_id, dict(context.node_config), context.run_id).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*extra_mods, secagg_when_requested])

@@ -152,6 +152,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     try:
         args.state_dir.mkdir(parents=True, exist_ok=True)
         (args.state_dir / ".writable").touch()
+        (args.state_dir / ".writable").unlink()
     except OSError as err:
         raise ConfigError(f"--state-dir {args.state_dir} is not writable ({err.strerror}); choose a folder this "
                           "user owns (it keeps the privacy ledger)") from None

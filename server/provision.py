@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
             ids = sync_registrations(pki, home)
             print("registered on the SuperLink: " + ", ".join(f"{n} (node {i})" for n, i in ids.items()))
         print(f"authorized devices ({pki / 'authorized.txt'}): {', '.join(authorized(pki)) or 'none'}")
-    except ConfigError as err:
+    except (ConfigError, RuntimeError) as err:  # RuntimeError: the SuperLink refused or could not be reached
         sys.exit(f"Provisioning error: {err}")
 
 
