@@ -164,7 +164,11 @@ def section(sim: list[dict], dep: list[dict], costs: dict[str, float], command: 
         f"{100 * overhead / dep_round:.0f} % of it; the simulation loads the model once per worker. "
         "Keeping torch, PEFT and Opacus out of `client/app.py`'s module level spares SecAgg+'s three "
         f"bookkeeping stages {3 * (costs['heavy'] - costs['light']):.1f} s per client per round. On real devices "
-        "each client has its own cores, so the overhead is one client's share, not the sum.", "",
+        "each client has its own cores, so the overhead is one client's share, not the sum. The rest of the gap is "
+        "not itemized here: SuperNodes and the ServerApp exchange messages by polling the SuperLink, each "
+        "`flwr-clientapp` process also connects to its SuperNode and fetches its message and the app bundle, "
+        "SecAgg+'s four stages run one after another (each waits for its slowest client), and contention from "
+        "other work on the machine (see the load average) slows all of it.", "",
     ]
     return "\n".join(lines)
 
