@@ -11,6 +11,8 @@ import torch
 from flwr.app import Context, Message, MessageType
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, GetPropertiesRes, MessageTypeLegacy, Status
+from flwr.compat.common import recorddict_compat as compat
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
@@ -84,8 +86,9 @@ class LoraClient(NumPyClient):
             result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed,
                                  prox_mu=self.settings.strategy.mu)
             metrics = {}
+        # "round" lets the server drop a reply that answers an earlier round's instructions.
         metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
-                    "train_tokens": result.tokens, "client": self.partition_id}
+                    "train_tokens": result.tokens, "client": self.partition_id, "round": server_round}
         arrays = adapter_to_arrays(self.model)
         # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
         weight = min(len(self.data.train), self.settings.federation.max_client_weight)
@@ -168,6 +171,19 @@ class LoraClient(NumPyClient):
         return loss, tokens, {"perplexity": perplexity(loss), "client": self.partition_id}
 
 
+def client_identity(context: Context) -> str:
+    """Who this client is across runs and restarts: its partition in simulation, else its node."""
+    return str(context.node_config.get("partition-id", context.node_id))
+
+
+def identify(msg: Message, context: Context, call_next) -> Message:
+    """Answer the server's identity query (server/sampling.py) without building the client: no model load."""
+    if msg.metadata.message_type != MessageTypeLegacy.GET_PROPERTIES:
+        return call_next(msg, context)
+    res = GetPropertiesRes(status=Status(Code.OK, ""), properties={"client-id": client_identity(context)})
+    return Message(compat.getpropertiesres_to_recorddict(res), reply_to=msg)
+
+
 def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
     """Run SecAgg+'s client side for training messages that carry its protocol stage; pass the rest through.
 
@@ -189,7 +205,7 @@ def build_client_app(settings: RunSettings | None = None, extra_mods: tuple = ()
         partition_id = int(context.node_config.get("partition-id", 0))
         return LoraClient(run_settings, partition_id, dict(context.node_config), context.run_id).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*extra_mods, secagg_when_requested])
+    return ClientApp(client_fn=client_fn, mods=[identify, *extra_mods, secagg_when_requested])
 
 
 app = build_client_app()

@@ -42,12 +42,13 @@ class RunOutcome:
     rows: list[dict]
 
     @property
-    def initial_perplexity(self) -> float:
-        return self.rows[0]["eval_perplexity"]
+    def initial_perplexity(self) -> float | None:
+        """Held-out perplexity at the first evaluated round (round 0, the base model, unless it timed out)."""
+        return next((r["eval_perplexity"] for r in self.rows if r["eval_perplexity"] is not None), None)
 
     @property
-    def final_perplexity(self) -> float:
-        return self.rows[-1]["eval_perplexity"]
+    def final_perplexity(self) -> float | None:
+        return next((r["eval_perplexity"] for r in reversed(self.rows) if r["eval_perplexity"] is not None), None)
 
 
 def prepare(settings: RunSettings) -> None:
@@ -83,6 +84,7 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addFilter(_DropDeprecationNotice())
     flwr_logger.propagate = False  # it prints itself; a root handler (Opacus installs one) would double it
+    flwr_logger.disabled = False  # Hydra's logging set-up disables loggers that exist before it runs
     fed = settings.federation
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -101,6 +103,7 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
     outcome = RunOutcome(out_dir, rows)
     print(f"\nPollinate: {len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity "
-          f"{outcome.initial_perplexity:.2f} (round 0, base) -> {outcome.final_perplexity:.2f} "
-          f"(round {rows[-1]['round']}).\nOutputs: {out_dir} (metrics.jsonl, adapter/, report.md)", flush=True)
+          f"{outcome.initial_perplexity or float('nan'):.2f} (round 0, base) -> "
+          f"{outcome.final_perplexity or float('nan'):.2f} (round {rows[-1]['round']}).\n"
+          f"Outputs: {out_dir} (metrics.jsonl, adapter/, report.md)", flush=True)
     return outcome

@@ -62,13 +62,17 @@ def test_run_config_carries_settings_as_one_json_value():
 def test_secagg_needs_a_cohort_its_threshold_can_be_met_in():
     with pytest.raises(ConfigError, match=r"reconstruction_threshold=3 exceeds the 2 shares .* lower it to at most 2"):
         settings_from_dict(RunSettings, {"federation": {"clients_per_round": 2}})
-    with pytest.raises(ConfigError, match="needs federation.clients_per_round >= 2"):
-        settings_from_dict(RunSettings, {"federation": {"clients_per_round": 1},
-                                         "secagg": {"reconstruction_threshold": 2}})
     with pytest.raises(ConfigError, match="num_shares must be an odd whole number"):
         settings_from_dict(RunSettings, {"secagg": {"num_shares": 4}})
-    plain = settings_from_dict(RunSettings, {"federation": {"clients_per_round": 1}, "secagg": {"name": "disabled"}})
-    assert not plain.secagg.enabled
+
+
+def test_no_round_can_publish_one_clients_update():
+    for overrides in ({"federation": {"clients_per_round": 1}, "secagg": {"name": "disabled"}},
+                      {"server": {"min_replies": 3}, "federation": {"clients_per_round": 2}}):
+        with pytest.raises(ConfigError, match=r"server.min_replies=\d exceeds federation.clients_per_round=\d"):
+            settings_from_dict(RunSettings, overrides)
+    with pytest.raises(ConfigError, match=r"server.min_replies must be >= 2 \(got 1\)"):
+        settings_from_dict(RunSettings, {"server": {"min_replies": 1}})
 
 
 def test_the_default_run_is_private_and_secure():

@@ -43,7 +43,7 @@ def test_a_model_folder_without_config_is_named(tmp_path):
 def test_a_partition_with_too_little_data_names_the_client(tmp_path, tiny_llama_dir, text_folder):
     settings = _settings(tmp_path, model={"name_or_path": str(tiny_llama_dir)},
                          dataset={"path": str(text_folder), "seq_len": 32, "min_train_sequences": 10_000},
-                         federation={"num_clients": 2, "clients_per_round": 1}, secagg={"name": "disabled"})
+                         federation={"num_clients": 2, "clients_per_round": 2}, secagg={"name": "disabled"})
     with pytest.raises(ConfigError, match=r"client 0 .*needs dataset\.min_train_sequences=10000"):
         prepare(settings)
     assert not list((tmp_path / "run").rglob("client_*.pt"))  # nothing half-written
