@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -482,6 +483,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number (got {value!r})")
+        if not math.isfinite(value):  # inf passes every "> 0" check and fails deep inside training instead
+            raise ConfigError(f"{key} must be a finite number (got {value!r})")
         return float(value)
     if hint is str:
         if value is None:
