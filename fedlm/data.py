@@ -526,7 +526,7 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
 
 def _fingerprint(settings: RunSettings, tokenizer: Any) -> str:
     stamp: list[Any] = []
-    if settings.dataset.path and Path(settings.dataset.path).expanduser().exists():
+    if settings.dataset.path and os.path.exists(Path(settings.dataset.path).expanduser()):
         root = Path(settings.dataset.path).expanduser()  # so edited data files are not silently reused
         for file in [root] if root.is_file() else _txt_files(root, "dataset.path"):
             info = file.stat()

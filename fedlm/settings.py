@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -171,7 +172,9 @@ class DatasetSettings:
         if self.hf_name:
             return "huggingface"
         if self.path:
-            return "text_folder" if Path(self.path).expanduser().is_dir() else "jsonl"
+            # os.path.isdir, unlike Path.is_dir, answers False where a parent folder may not be entered:
+            # loading the data then names the path and the reason.
+            return "text_folder" if os.path.isdir(Path(self.path).expanduser()) else "jsonl"
         return "packages"
 
     def resolved_partitioner(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shutil
@@ -465,6 +466,7 @@ def refusal(call: Callable[[], object]) -> str:
         with pytest.raises(ConfigError) as err:
             call()
         return str(err.value)
+    codecs.lookup("utf-8-sig")  # imported lazily from the stdlib, which lies under /root: nobody cannot import it
     read, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report one line, never return into pytest
@@ -506,3 +508,10 @@ def test_an_unreachable_central_eval_path_is_named(shared_dir: Path) -> None:
     (shared_dir / "locked").chmod(0o000)
     message = refusal(lambda: load_texts(shared_dir / "locked" / "eval", DatasetSettings(), key="server.central_eval_path"))
     assert message.startswith(f"server.central_eval_path: {shared_dir / 'locked' / 'eval'} cannot be read (Permission denied)")
+
+
+def test_a_data_folder_inside_a_locked_folder_is_named(shared_dir: Path) -> None:
+    write(shared_dir / "outer" / "data" / "a.txt", letter_doc("a"))
+    (shared_dir / "outer").chmod(0o000)
+    message = refusal(lambda: load(shared_dir / "outer" / "data"))
+    assert message.startswith(f"dataset.path: {shared_dir / 'outer' / 'data'} cannot be read (Permission denied)")
