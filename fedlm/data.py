@@ -210,7 +210,7 @@ def _jsonl_lines(file: Path, key: str) -> Iterator[tuple[int, str]]:
             if not raw:
                 return
             if len(raw) > MAX_JSONL_LINE_BYTES:
-                raise ConfigError(f"{file}, line {lineno} is longer than {MAX_JSONL_LINE_BYTES // 2**20} MiB, "
+                raise ConfigError(f"{file}, line {lineno} is longer than {MAX_JSONL_LINE_BYTES:,} bytes, "
                                   "the most one record may take (it is parsed whole); split it into several "
                                   "records")
             try:

@@ -384,7 +384,7 @@ def test_bad_files_are_refused_naming_the_file_and_what_is_wrong(tmp_path: Path,
 def test_a_jsonl_line_past_the_limit_is_refused_by_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data, "MAX_JSONL_LINE_BYTES", 100)
     path = write(tmp_path / "d.jsonl", '{"text": "short"}\n' + json.dumps({"text": "x" * 200}) + "\n")
-    with pytest.raises(ConfigError, match=r"d\.jsonl, line 2 is longer than 0 MiB.*split it into several records"):
+    with pytest.raises(ConfigError, match=r"d\.jsonl, line 2 is longer than 100 bytes, the most one record may take .*split it into several records"):
         load(path)
     write(path, '{"text": "short"}\n' + json.dumps({"text": "x" * 80}) + "\n")  # under the limit: read
     assert load(path)["text"] == ["short", "x" * 80]
