@@ -228,7 +228,12 @@ class PrivacyLedger:
             os.close(dir_fd)  # releases the lock
 
     def _write(self, state: dict, dir_fd: int) -> None:
-        # A crash at any point leaves either the old or the new file, never a torn one.
+        # A crash at any point leaves either the old or the new file, never a torn one. A writer killed before
+        # its rename leaves a temporary file behind; readers never look at it, and since every writer of this
+        # ledger holds the lock, any one present now is such a leftover.
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as f:

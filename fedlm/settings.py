@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,7 +172,9 @@ class DatasetSettings:
         if self.hf_name:
             return "huggingface"
         if self.path:
-            return "text_folder" if Path(self.path).expanduser().is_dir() else "jsonl"
+            # os.path.isdir, unlike Path.is_dir, answers False where a parent folder may not be entered:
+            # loading the data then names the path and the reason.
+            return "text_folder" if os.path.isdir(Path(self.path).expanduser()) else "jsonl"
         return "packages"
 
     def resolved_partitioner(self) -> str:
@@ -494,6 +498,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number (got {value!r})")
+        if not math.isfinite(value):  # inf passes every "> 0" check and fails deep inside training instead
+            raise ConfigError(f"{key} must be a finite number (got {value!r})")
         return float(value)
     if hint is str:
         if value is None:

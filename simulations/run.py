@@ -84,6 +84,12 @@ def check_override_keys(overrides: list[str]) -> None:
             raise ConfigError(f"unknown setting {key}{hint}")
 
 
+def refuse(err: ConfigError) -> None:
+    # One clear line, no traceback: the message already names the key or file and the fix.
+    print(f"Configuration error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
@@ -92,14 +98,12 @@ def main(cfg: DictConfig) -> float:
             settings = resumed_settings(settings, list(HydraConfig.get().overrides.task))
         return simulate(settings).final_perplexity
     except ConfigError as err:
-        # One clear line, no traceback: the message already names the key or file and the fix.
-        print(f"Configuration error: {err}", file=sys.stderr)
-        sys.exit(2)
+        refuse(err)
 
 
 if __name__ == "__main__":
     try:
         check_override_keys([a for a in sys.argv[1:] if not a.startswith("-")])
     except ConfigError as err:
-        sys.exit(f"Configuration error: {err}")
+        refuse(err)
     main()

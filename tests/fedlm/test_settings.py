@@ -80,3 +80,22 @@ def test_the_default_run_is_private_and_secure():
     assert settings.privacy.enabled and settings.privacy.target_epsilon <= 8 and settings.secagg.enabled
     with pytest.raises(ConfigError, match="GDP accountant can under-report"):
         settings_from_dict(RunSettings, {"privacy": {"accountant": "gdp"}})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"federation": {"rounds": "abc"}}, r"federation\.rounds must be a whole number \(got 'abc'\)"),
+    ({"federation": {"rounds": True}}, r"federation\.rounds must be a whole number \(got True\)"),
+    ({"federation": {"num_clients": 2.0}}, r"federation\.num_clients must be a whole number \(got 2\.0\)"),
+    ({"train": {"learning_rate": [1]}}, r"train\.learning_rate must be a number \(got \[1\]\)"),
+    ({"train": {"learning_rate": float("inf")}}, r"train\.learning_rate must be a finite number \(got inf\)"),
+    ({"privacy": {"target_epsilon": float("nan")}}, r"privacy\.target_epsilon must be a finite number \(got nan\)"),
+    ({"privacy": {"target_epsilon": -1}}, r"privacy\.target_epsilon must be > 0 \(got -1\.0\); try 8"),
+    ({"privacy": {"target_epsilon": "8"}}, r"privacy\.target_epsilon must be a number \(got '8'\)"),
+    ({"dataset": {"path": ["a", "b"]}}, r"dataset\.path must be text \(got \['a', 'b'\]\)"),
+    ({"dataset": {"seq_len": 4}}, r"dataset\.seq_len must be >= 8 tokens \(got 4\)"),
+    ({"lora": {"client_ranks": ["x"]}}, r"lora\.client_ranks must be a whole number \(got 'x'\)"),
+    ({"federation": 3}, r"federation must be a mapping \(got 3\)"),
+])
+def test_wrong_override_types_and_values_name_the_key_and_the_value(data, message):
+    with pytest.raises(ConfigError, match=message):
+        settings_from_dict(RunSettings, data)
