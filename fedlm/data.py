@@ -13,9 +13,8 @@ import os
 import random
 import sys
 import sysconfig
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import datasets
 import torch
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
+from fedlm.files import write_atomic
 from fedlm.settings import ConfigError, DatasetSettings, RunSettings
 
 OWN_PACKAGES = frozenset({"fedlm", "server", "client", "strategies", "simulations", "tests"})
@@ -374,20 +374,6 @@ def partition_corpus(corpus: datasets.Dataset, settings: DatasetSettings, num_cl
 
 # ---------------------------------------------------------------- tokenised client data
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temporary file in the same folder, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class ClientData:
     """One client's packed token rows: int64 ids and 1/0 masks (0 = padding), for training and evaluation."""
@@ -400,7 +386,7 @@ class ClientData:
     def save(self, path: Path) -> None:
         """Save atomically (temporary file, then rename)."""
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        _write_atomic(Path(path), lambda handle: torch.save(state, handle))
+        write_atomic(Path(path), lambda handle: torch.save(state, handle))
 
     @classmethod
     def load(cls, path: Path) -> ClientData:
@@ -540,7 +526,7 @@ def _fingerprint(settings: RunSettings, tokenizer: Any) -> str:
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write `value` as indented JSON, atomically (readers see the old file or the new one)."""
-    _write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
+    write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
 
 
 def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,

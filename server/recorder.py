@@ -77,7 +77,6 @@ class RunRecorder:
         fit = {k: value for k, series in history.metrics_distributed_fit.items()
                if (value := _at(series, server_round)) is not None} or audit.metrics
         evaluation = {k: _at(v, server_round) for k, v in history.metrics_distributed.items()}
-        central = {k: _at(v, server_round) for k, v in history.metrics_centralized.items()}
         eval_loss = _at(history.losses_distributed, server_round)
         central_loss = _at(history.losses_centralized, server_round)
         now, (down, up) = time.perf_counter(), self._bytes

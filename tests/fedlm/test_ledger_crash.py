@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlm.privacy import PrivacyLedger
+from fedlm.privacy import BudgetExceeded, PrivacyLedger
 from tests.fedlm.ledger_writer import PARAMS, spend_rounds
 
 KILLS = 25
@@ -56,7 +56,7 @@ def assert_consistent(ledger: Path, report: Path) -> list[str]:
     assert fresh.epsilon == (epsilons[-1] if epsilons else 0.0)
     assert fresh.noise_multiplier == PARAMS["noise_multiplier"]
     if keys:
-        with pytest.raises(ValueError, match="never spent twice"):
+        with pytest.raises(BudgetExceeded, match="never spent twice"):
             fresh.record(keys[-1], 1)
     return keys
 

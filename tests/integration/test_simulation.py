@@ -3,9 +3,7 @@
 import json
 import math
 
-import numpy as np
 import pytest
-import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
