@@ -12,6 +12,8 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.client import Client, ClientApp
 from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, GetPropertiesRes, MessageTypeLegacy, Status
+from flwr.compat.common import recorddict_compat as compat
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedlm.settings import RunSettings, settings_from_run_config
@@ -25,6 +27,19 @@ def __getattr__(name: str) -> Any:
         from client import lora_client
         return getattr(lora_client, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def client_identity(context: Context) -> str:
+    """Who this client is across runs and restarts: its partition in simulation, else its node."""
+    return str(context.node_config.get("partition-id", context.node_id))
+
+
+def identify(msg: Message, context: Context, call_next) -> Message:
+    """Answer the server's identity query (server/sampling.py) without building the client: no model load."""
+    if msg.metadata.message_type != MessageTypeLegacy.GET_PROPERTIES:
+        return call_next(msg, context)
+    res = GetPropertiesRes(status=Status(Code.OK, ""), properties={"client-id": client_identity(context)})
+    return Message(compat.getpropertiesres_to_recorddict(res), reply_to=msg)
 
 
 def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
@@ -52,7 +67,7 @@ def build_client_app(settings: RunSettings | None = None, extra_mods: tuple = ()
         partition_id = int(context.node_config.get("partition-id", context.node_id % 2**31))
         return LoraClient(run_settings, partition_id, dict(context.node_config), context.run_id).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*extra_mods, secagg_when_requested])
+    return ClientApp(client_fn=client_fn, mods=[identify, *extra_mods, secagg_when_requested])
 
 
 app = build_client_app()

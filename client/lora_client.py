@@ -92,8 +92,9 @@ class LoraClient(NumPyClient):
             result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed,
                                  prox_mu=self.settings.strategy.mu)
             metrics = {}
+        # "round" lets the server drop a reply that answers an earlier round's instructions.
         metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
-                    "train_tokens": result.tokens, "client": self.partition_id}
+                    "train_tokens": result.tokens, "client": self.partition_id, "round": server_round}
         arrays = adapter_to_arrays(self.model)
         # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
         weight = min(len(self.data.train), self.settings.federation.max_client_weight)

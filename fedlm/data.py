@@ -13,9 +13,8 @@ import os
 import random
 import sys
 import sysconfig
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ import torch
 if TYPE_CHECKING:
     import datasets
 
+from fedlm.files import write_atomic
 from fedlm.settings import ConfigError, DatasetSettings, RunSettings
 
 OWN_PACKAGES = frozenset({"fedlm", "server", "client", "strategies", "simulations", "tests"})
@@ -36,24 +36,61 @@ MIN_LAST_ROW = 8
 """A final, partial row is kept (padded) only if it holds at least this many real tokens."""
 FORMAT_VERSION = 1
 """Bump when the prepared files' layout changes, so old preparations are rebuilt, not reused."""
+MAX_JSONL_LINE_BYTES = 64 * 2**20
+"""A .jsonl record is parsed whole (a JSON value cannot be cut), so one line must fit in memory; this is 160
+times what a record may keep at the default dataset.max_chars_per_source, and a longer line is refused."""
+TOKENIZE_PIECE_CHARS = 100_000
+"""Longer documents (a minified file, a log with no line breaks) reach the tokenizer in pieces of this size,
+cut before whitespace where there is some: they are packed into rows anyway, and a fast tokenizer holds
+about 240 bytes per token of a call's whole input (0.7 GB for a 4M-character line, measured)."""
+TOKENIZE_BATCH_CHARS = 1_000_000
+"""Characters per tokenizer call: bounds that memory for a client of any size (about 0.2 GB a call)."""
 
 
 # ---------------------------------------------------------------- reading sources
 
+def _unreadable(path: Path | str, err: OSError, key: str) -> ConfigError:
+    return ConfigError(f"{key}: {path} cannot be read ({err.strerror or err}); give this user read access to "
+                       "it (chmod u+r on files, u+rx on folders) or remove it from the data")
+
+
 def _existing(path: Path | str, key: str) -> Path:
     resolved = Path(path).expanduser()
-    if not resolved.exists():
+    try:
+        resolved.stat()
+    except FileNotFoundError:
         raise ConfigError(f"{key}={str(path)!r} does not exist; point it at a folder of UTF-8 .txt files "
-                          "or a .jsonl file")
+                          "or a .jsonl file") from None
+    except OSError as err:  # a folder on the way that this user may not enter
+        raise _unreadable(path, err, key) from None
     return resolved
 
 
-def _read_utf8(file: Path) -> str:
+def _not_utf8(file: Path, err: UnicodeDecodeError, offset: int, line: int) -> ConfigError:
+    return ConfigError(f"{file} is not UTF-8 text ({err.reason} at byte {offset}, line {line}); "
+                       "re-save it as UTF-8 or remove it")
+
+
+def _read_utf8(file: Path, max_chars: int, key: str) -> str:
+    """The file's first `max_chars` characters. Reads at most 4 bytes a character (UTF-8's longest), so a
+    file of any size costs at most that much memory.
+
+    Raises:
+        ConfigError: naming the file if it cannot be read, or the byte and line that is not UTF-8.
+    """
+    limit = 4 * max_chars + 3  # and a byte-order mark
     try:
-        return file.read_bytes().decode("utf-8-sig")
+        with open(file, "rb") as handle:
+            raw = handle.read(limit)
+            cut = len(raw) == limit and handle.read(1) != b""
+    except OSError as err:
+        raise _unreadable(file, err, key) from None
+    try:
+        return raw.decode("utf-8-sig")[:max_chars]
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                          "re-save it as UTF-8 or remove it") from None
+        if cut and err.reason == "unexpected end of data":  # the read limit fell inside a character
+            return raw[:err.start].decode("utf-8-sig")[:max_chars]
+        raise _not_utf8(file, err, err.start, raw.count(b"\n", 0, err.start) + 1) from None
 
 
 def _package_roots() -> dict[str, Path]:
@@ -114,24 +151,44 @@ def _read_packages(num_sources: int, seed: int, cap: int) -> tuple[list[str], li
     return texts, sources
 
 
-def _read_text_folder(folder: Path, key: str) -> tuple[list[str], list[str]]:
-    files = sorted(p for p in folder.rglob("*.txt") if p.is_file())
+def _txt_files(folder: Path, key: str) -> list[Path]:
+    """Every .txt file under `folder`, sorted; a subfolder that cannot be read is an error, not skipped."""
+    def refuse(err: OSError) -> None:
+        raise _unreadable(err.filename, err, key)
+
+    found = []
+    for root, _, files in os.walk(folder, onerror=refuse):
+        found += [Path(root, f) for f in files if f.endswith(".txt") and os.path.isfile(os.path.join(root, f))]
+    return sorted(found)
+
+
+def _read_text_folder(folder: Path, key: str, max_chars: int) -> tuple[list[str], list[str]]:
+    files = _txt_files(folder, key)
     if not files:
         raise ConfigError(f"{key}={str(folder)!r} has no .txt files; add UTF-8 .txt files (one document "
                           "each, optionally in one subfolder per source) or point it at a .jsonl file")
-    texts = [_read_utf8(file) for file in files]
+    texts = [_read_utf8(file, max_chars, key) for file in files]
     rels = [file.relative_to(folder) for file in files]
     return texts, [rel.parts[0] if len(rel.parts) > 1 else rel.stem for rel in rels]
 
 
+def _field_text(record: dict[str, Any], field: str, where: str) -> str:
+    value = record[field]
+    if value is not None and not isinstance(value, str):  # str() would train on "{'a': 1}" or "[...]"
+        kind = {"dict": "object", "list": "array", "bool": "boolean"}.get(type(value).__name__, "number")
+        raise ConfigError(f"{where}: field {field!r} holds a JSON {kind} ({json.dumps(value)[:40]}), "
+                          "not a string; store the text as a JSON string, or point the dataset.*_field "
+                          "settings at the fields that hold text")
+    return value or ""
+
+
 def _record_text(record: dict[str, Any], settings: DatasetSettings, where: str) -> str:
     if settings.text_field in record:
-        value = record[settings.text_field]
-        return "" if value is None else str(value)
+        return _field_text(record, settings.text_field, where)
     if settings.prompt_field in record and settings.response_field in record:
         try:
-            return settings.template.format(prompt=record[settings.prompt_field],
-                                            response=record[settings.response_field])
+            return settings.template.format(prompt=_field_text(record, settings.prompt_field, where),
+                                            response=_field_text(record, settings.response_field, where))
         except (KeyError, IndexError, ValueError) as err:
             raise ConfigError(f"dataset.template={settings.template!r} cannot be filled ({err!r}); it may "
                               "only use {prompt} and {response} (write literal braces as {{ }})") from None
@@ -141,10 +198,33 @@ def _record_text(record: dict[str, Any], settings: DatasetSettings, where: str) 
         "dataset.prompt_field and dataset.response_field, to your field names")
 
 
-def _read_jsonl(file: Path, settings: DatasetSettings) -> tuple[list[str], list[str], bool]:
+def _jsonl_lines(file: Path, key: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, read one at a time and refused past MAX_JSONL_LINE_BYTES."""
+    try:
+        handle = open(file, "rb")
+    except OSError as err:
+        raise _unreadable(file, err, key) from None
+    with handle:
+        offset = 0
+        for lineno in itertools.count(1):
+            raw = handle.readline(MAX_JSONL_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_JSONL_LINE_BYTES:
+                raise ConfigError(f"{file}, line {lineno} is longer than {MAX_JSONL_LINE_BYTES:,} bytes, "
+                                  "the most one record may take (it is parsed whole); split it into several "
+                                  "records")
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(file, err, offset + err.start, lineno) from None
+            offset += len(raw)
+
+
+def _read_jsonl(file: Path, settings: DatasetSettings, key: str) -> tuple[list[str], list[str], bool]:
     """Texts, sources and whether any record had the `partition_by` field."""
     texts, sources, has_field = [], [], False
-    for lineno, line in enumerate(_read_utf8(file).split("\n"), 1):
+    for lineno, line in _jsonl_lines(file, key):
         if not line.strip():
             continue
         try:
@@ -154,7 +234,7 @@ def _read_jsonl(file: Path, settings: DatasetSettings) -> tuple[list[str], list[
                               "each line must be one JSON object") from None
         if not isinstance(record, dict):
             raise ConfigError(f"{file}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-        texts.append(_record_text(record, settings, f"{file}, line {lineno}"))
+        texts.append(_record_text(record, settings, f"{file}, line {lineno}")[: settings.max_chars_per_source])
         origin = record.get(settings.partition_by)
         has_field |= origin is not None
         sources.append(str(lineno) if origin is None else str(origin))  # else each record is its own origin
@@ -202,16 +282,22 @@ def load_corpus(settings: DatasetSettings, *, num_sources: int, seed: int) -> da
             want = "a folder of .txt files" if kind == "text_folder" else "a .jsonl file"
             raise ConfigError(f"dataset.source={kind} needs dataset.path to be {want} (got {path}); "
                               "fix dataset.path or set dataset.source=auto")
+        if kind == "jsonl" and path.suffix.lower() == ".txt":
+            raise ConfigError(f"dataset.path={settings.path!r} is a single .txt file, but the data is split "
+                              "among clients by document: point dataset.path at a folder of .txt files "
+                              "(one document each) or at a .jsonl file")
         if kind == "text_folder":
-            texts, sources = _read_text_folder(path, "dataset.path")
+            texts, sources = _read_text_folder(path, "dataset.path", cap)
         else:
-            texts, sources, has_field = _read_jsonl(path, settings)
-    if kind != "packages":  # one file's / record's text (packages are capped while reading)
+            texts, sources, has_field = _read_jsonl(path, settings, "dataset.path")
+    if kind == "huggingface":  # one record's text (files are capped while reading)
         texts = [t[:cap] for t in texts]
     keep = [i for i, t in enumerate(texts) if t.strip()]
     if not keep:
-        where = settings.hf_name if kind == "huggingface" else settings.path or "site-packages"
-        raise ConfigError(f"dataset source {kind} ({where}) has no non-empty documents; add text to it")
+        key, where = ("dataset.hf_name", settings.hf_name) if kind == "huggingface" else ("dataset.path", settings.path)
+        items = ".txt file(s)" if kind == "text_folder" else "record(s)"
+        raise ConfigError(f"{key}={where!r} holds no text: none of its {len(texts)} {items} holds more than "
+                          "whitespace; add text to them")
     import datasets  # see _read_hub
 
     columns = {"text": [texts[i] for i in keep], "source": [sources[i] for i in keep]}
@@ -226,14 +312,14 @@ def load_texts(path: Path | str, settings: DatasetSettings, *, key: str = "datas
     Raises:
         ConfigError: naming `key` if the path is missing or holds no text, or the bad file and line.
     """
-    resolved = _existing(path, key)
+    resolved, cap = _existing(path, key), settings.max_chars_per_source
     if resolved.is_dir():
-        texts = _read_text_folder(resolved, key)[0]
+        texts = _read_text_folder(resolved, key, cap)[0]
     elif resolved.suffix == ".txt":
-        texts = [_read_utf8(resolved)]
+        texts = [_read_utf8(resolved, cap, key)]
     else:
-        texts = _read_jsonl(resolved, settings)[0]
-    texts = [t[: settings.max_chars_per_source] for t in texts if t.strip()]
+        texts = _read_jsonl(resolved, settings, key)[0]
+    texts = [t for t in texts if t.strip()]
     if not texts:
         raise ConfigError(f"{key}={str(path)!r} holds no non-empty text; add documents to it")
     return texts
@@ -295,20 +381,6 @@ def partition_corpus(corpus: datasets.Dataset, settings: DatasetSettings, num_cl
 
 # ---------------------------------------------------------------- tokenised client data
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temporary file in the same folder, so readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class ClientData:
     """One client's packed token rows: int64 ids and 1/0 masks (0 = padding), for training and evaluation."""
@@ -321,7 +393,7 @@ class ClientData:
     def save(self, path: Path) -> None:
         """Save atomically (temporary file, then rename)."""
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        _write_atomic(Path(path), lambda handle: torch.save(state, handle))
+        write_atomic(Path(path), lambda handle: torch.save(state, handle))
 
     @classmethod
     def load(cls, path: Path) -> ClientData:
@@ -349,32 +421,58 @@ def client_data_path(data_dir: Path, partition_id: int) -> Path:
     return Path(data_dir) / f"client_{partition_id}.pt"
 
 
-def _pack(stream: list[int], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack(stream: torch.Tensor, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     full, rest = divmod(len(stream), seq_len)
     used = full * seq_len + (rest if rest >= MIN_LAST_ROW else 0)
     rows = full + (rest >= MIN_LAST_ROW)
     ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((rows, seq_len), dtype=torch.long)
-    ids.view(-1)[:used] = torch.tensor(stream[:used], dtype=torch.long)
+    ids.view(-1)[:used] = stream[:used]
     mask.view(-1)[:used] = 1
     return ids, mask
 
 
-def _tokenize(docs: list[str], tokenizer: Any) -> tuple[list[list[int]], int]:
+def _pieces(text: str) -> list[str]:
+    """`text` cut into pieces of at most TOKENIZE_PIECE_CHARS, each cut just before whitespace if any."""
+    pieces, start = [], 0
+    while len(text) - start > TOKENIZE_PIECE_CHARS:
+        end = start + TOKENIZE_PIECE_CHARS
+        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces + [text[start:]]
+
+
+def _tokenize(docs: list[str], tokenizer: Any) -> tuple[list[torch.Tensor], int]:
     """Each document's token ids followed by EOS (if the tokenizer has one), and the padding id."""
     eos = tokenizer.eos_token_id
     pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
-    # verbose=False: documents longer than the model's context are expected here (they are packed).
-    ids = tokenizer(docs, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    return [list(x) + ([eos] if eos is not None else []) for x in ids], pad
+    tail = torch.tensor([eos] if eos is not None else [], dtype=torch.long)
+    pieces = [(d, piece) for d, doc in enumerate(docs) for piece in _pieces(doc)]
+    parts: list[list[torch.Tensor]] = [[] for _ in docs]
+    start = 0
+    while start < len(pieces):  # calls of about TOKENIZE_BATCH_CHARS, kept as compact tensors in between
+        end, chars = start, 0
+        while end < len(pieces) and (end == start or chars + len(pieces[end][1]) <= TOKENIZE_BATCH_CHARS):
+            chars += len(pieces[end][1])
+            end += 1
+        # verbose=False: documents longer than the model's context are expected here (they are packed).
+        batch = tokenizer([p for _, p in pieces[start:end]], add_special_tokens=False, truncation=False,
+                          verbose=False)["input_ids"]
+        for (d, _), ids in zip(pieces[start:end], batch):
+            parts[d].append(torch.tensor(ids, dtype=torch.long))
+        start = end
+    return [torch.cat(p + [tail]) for p in parts], pad
 
 
 def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSettings, seed: int,
-                      name: str) -> ClientData:
+                      name: str, batch_size: int = 1) -> ClientData:
     """Tokenise, hold out about eval_fraction of the tokens as whole documents (seeded), pack into rows.
 
     Raises:
-        ConfigError: naming `name` if the client ends up with too few training or held-out rows.
+        ConfigError: naming `name` if the client ends up with too few training or held-out rows, or fewer
+            training rows than one batch of `batch_size`.
     """
     docs = [t for t in texts if t.strip()]
     if not docs:
@@ -392,10 +490,10 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
             held_out.add(i)
             held_tokens += len(ids[i])
     if held_tokens >= target / 2:
-        eval_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i in held_out))
-        train_stream = list(itertools.chain.from_iterable(ids[i] for i in order if i not in held_out))
+        eval_stream = torch.cat([ids[i] for i in order if i in held_out])
+        train_stream = torch.cat([ids[i] for i in order if i not in held_out])
     else:  # one document, or only a few large ones: hold out the tail of the token stream instead
-        stream = list(itertools.chain.from_iterable(ids[i] for i in order))
+        stream = torch.cat([ids[i] for i in order])
         cut = round(len(stream) * (1 - settings.eval_fraction))
         train_stream, eval_stream = stream[:cut], stream[cut:]
     train, train_mask = _pack(train_stream, settings.seq_len, pad)
@@ -407,6 +505,13 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
             f"{settings.min_train_sequences} and dataset.min_eval_sequences={settings.min_eval_sequences}; "
             "use fewer clients (federation.num_clients), a lower dataset.seq_len, more data, or lower "
             "dataset.min_train_sequences / dataset.min_eval_sequences")
+    if len(train) < batch_size:
+        # A batch would be the whole data set every step; under DP-SGD every row would join every step (sample
+        # rate 1), which forfeits the privacy amplification of subsampling the calibration relies on.
+        raise ConfigError(
+            f"{name} has {len(train)} training sequences of dataset.seq_len={settings.seq_len} tokens, fewer "
+            f"than one batch (train.batch_size={batch_size}); lower train.batch_size to at most {len(train)}, "
+            "use fewer clients (federation.num_clients), a lower dataset.seq_len, or more data")
     return ClientData(train, train_mask, held, held_mask)
 
 
@@ -415,9 +520,9 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
 def _files_stamp(path: str) -> list[Any]:
     """Each data file's path, size and modification time, so edited data is not silently reused."""
     stamp: list[Any] = []
-    if path and Path(path).expanduser().exists():
+    if path and os.path.exists(Path(path).expanduser()):
         root = Path(path).expanduser()
-        for file in sorted([root] if root.is_file() else (p for p in root.rglob("*.txt") if p.is_file())):
+        for file in [root] if root.is_file() else _txt_files(root, "dataset.path"):
             info = file.stat()
             stamp.append([str(file.resolve()), info.st_size, info.st_mtime_ns])
     return stamp
@@ -452,8 +557,9 @@ def prepare_device_data(data_path: str, settings: RunSettings, tokenizer: Any, c
     return data
 
 
-def _write_json(path: Path, value: Any) -> None:
-    _write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write `value` as indented JSON, atomically (readers see the old file or the new one)."""
+    write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
 
 
 def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,
@@ -489,20 +595,29 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,
         name = f"client {i}"
         if len(counts) == 1:
             name += f" ({'package' if kind == 'packages' else 'source'} {sources[0]!r})"
-        data = build_client_data(part["text"], tokenizer, ds, settings.seed + i, name)
+        data = build_client_data(part["text"], tokenizer, ds, settings.seed + i, name, settings.train.batch_size)
         built.append(data)
         summary.append({"client": i, "sources": sources, "documents": len(part),
                         "train_sequences": len(data.train), "eval_sequences": len(data.eval),
                         "train_tokens": int(data.train_mask.sum()), "eval_tokens": int(data.eval_mask.sum())})
-    # Everything validated: now write. The fingerprint goes last, so a crash mid-way is never reused.
-    fingerprint_path.unlink(missing_ok=True)
-    for stale in out_dir.glob("client_*.pt"):
-        if stale.stem.removeprefix("client_").isdigit() and int(stale.stem.removeprefix("client_")) >= n:
-            stale.unlink()
-    for i, data in enumerate(built):
-        data.save(client_data_path(out_dir, i))
-    _write_json(summary_path, summary)
-    _write_json(fingerprint_path, {"fingerprint": fingerprint})
+    # Everything validated: now write. The fingerprint goes last, so a crash mid-way is never reused; a
+    # failed write (disk full, permissions) removes what it wrote.
+    written = [client_data_path(out_dir, i) for i in range(n)] + [summary_path, fingerprint_path]
+    try:
+        fingerprint_path.unlink(missing_ok=True)
+        for stale in out_dir.glob("client_*.pt"):
+            if stale.stem.removeprefix("client_").isdigit() and int(stale.stem.removeprefix("client_")) >= n:
+                stale.unlink()
+        for i, data in enumerate(built):
+            data.save(client_data_path(out_dir, i))
+        write_json_atomic(summary_path, summary)
+        write_json_atomic(fingerprint_path, {"fingerprint": fingerprint})
+    except OSError as err:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+        raise ConfigError(f"output_dir: the prepared data cannot be written to {out_dir} ({err.strerror or err}); "
+                          "free disk space or point output_dir at a folder this user may write") from None
     print(f"[data] saved {n} clients' data to {out_dir}", flush=True)
     return summary
 
@@ -510,4 +625,4 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,
 def pack_texts(texts: list[str], tokenizer: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All of `texts` as packed rows (ids, mask): a held-out set used whole, such as a server's."""
     ids, pad = _tokenize([t for t in texts if t.strip()], tokenizer)
-    return _pack(list(itertools.chain.from_iterable(ids)), seq_len, pad)
+    return _pack(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long), seq_len, pad)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from fedlm.adapter import freeze_lora_a, set_wire_rank
@@ -50,6 +50,46 @@ def resolve_model_path(settings: ModelSettings, cache_root: Path | str | None = 
     return settings.name_or_path  # a hub id: only users with network get past from_pretrained
 
 
+def _unloadable(settings: ModelSettings, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model.name_or_path={settings.name_or_path!r} could not be loaded ({str(err).splitlines()[0]}); "
+        "use `embedded`, a local directory holding a saved causal LM, or a hub id with network access")
+
+
+def load_tokenizer(settings: ModelSettings, cache_root: Path | str | None = None) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, with a padding token.
+
+    Raises:
+        ConfigError: it cannot be loaded (unknown id, no network, bad folder).
+    """
+    source = resolve_model_path(settings, cache_root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _unloadable(settings, err) from None
+    if tokenizer.pad_token_id is None:  # GPT-2 and friends ship none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_context(settings: ModelSettings, seq_len: int, cache_root: Path | str | None = None) -> None:
+    """Refuse training rows longer than the model's context, from its config alone (no weights loaded).
+
+    Raises:
+        ConfigError: naming dataset.seq_len and the model's context; or the config cannot be loaded.
+    """
+    source = resolve_model_path(settings, cache_root)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _unloadable(settings, err) from None
+    # GPT-2 indexes a position table (an IndexError mid-training); RoPE models would run on, untrained there.
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(context, int) and seq_len > context:
+        raise ConfigError(f"dataset.seq_len={seq_len} exceeds the context of model.name_or_path="
+                          f"{settings.name_or_path!r} ({context} tokens); set dataset.seq_len<={context}")
+
+
 def load_base_model(settings: ModelSettings, cache_root: Path | str | None = None
                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base model and its tokenizer through the real `from_pretrained` path.
@@ -57,18 +97,13 @@ def load_base_model(settings: ModelSettings, cache_root: Path | str | None = Non
     Raises:
         ConfigError: the model or tokenizer cannot be loaded (unknown id, no network, bad folder).
     """
-    source = resolve_model_path(settings, cache_root)
+    tokenizer = load_tokenizer(settings, cache_root)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, settings.dtype), trust_remote_code=settings.trust_remote_code)
+            resolve_model_path(settings, cache_root), dtype=getattr(torch, settings.dtype),
+            trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"model.name_or_path={settings.name_or_path!r} could not be loaded ({str(err).splitlines()[0]}); "
-            "use `embedded`, a local directory holding a saved causal LM, or a hub id with network access"
-        ) from None
-    if tokenizer.pad_token_id is None:  # GPT-2 and friends ship none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _unloadable(settings, err) from None
     return model, tokenizer
 
 

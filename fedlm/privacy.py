@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from torch import nn  # noqa: E402
 for _handler in logging.root.handlers[len(_root_handlers):]:
     logging.root.removeHandler(_handler)
 
+from fedlm.files import write_atomic
 from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
 from fedlm.training import TrainResult, proximal_gradient, sequence_losses
 
@@ -216,31 +216,25 @@ class PrivacyLedger:
 
     # -- writing --------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
+    def _locked(self) -> Iterator[None]:
         """An exclusive lock on the ledger's directory (two processes never interleave a read-modify-write)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             if fcntl is not None:
                 fcntl.flock(dir_fd, fcntl.LOCK_EX)
-            yield dir_fd
+            yield
         finally:
             os.close(dir_fd)  # releases the lock
 
-    def _write(self, state: dict, dir_fd: int) -> None:
-        # A crash at any point leaves either the old or the new file, never a torn one.
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
+    def _write(self, state: dict) -> None:
+        # A crash at any point leaves either the old or the new file, never a torn one. A writer killed before
+        # its rename leaves a temporary file behind; readers never look at it, and since every writer of this
+        # ledger holds the lock, any one present now is such a leftover.
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.fsync(dir_fd)  # make the rename itself durable
+                stale.unlink()
+        write_atomic(self.path, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
     def open(self, *, noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float,
              accountant: str) -> None:
@@ -253,7 +247,7 @@ class PrivacyLedger:
             ValueError: invalid parameters for a new ledger.
             ConfigError: the existing file is corrupt.
         """
-        with self._locked() as dir_fd:
+        with self._locked():
             if self.path.exists():
                 stored = self._load()["parameters"]
                 if stored["noise_multiplier"] != noise_multiplier or stored["sample_rate"] != sample_rate:
@@ -267,7 +261,7 @@ class PrivacyLedger:
                 raise ValueError(f"accountant={accountant!r} is unknown; choose one of {list(ACCOUNTANTS)}")
             params = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
                       "delta": float(delta), "target_epsilon": float(target_epsilon), "accountant": accountant}
-            self._write({"version": LEDGER_VERSION, "parameters": params, "history": []}, dir_fd)
+            self._write({"version": LEDGER_VERSION, "parameters": params, "history": []})
 
     def record(self, key: str, steps: int) -> float:
         """Append `steps` steps at the ledger's noise and rate under `key`; returns the new cumulative epsilon.
@@ -275,19 +269,21 @@ class PrivacyLedger:
         Record before releasing the update that spent them: a crash then over-counts, never under-counts.
 
         Raises:
-            ValueError: `key` is already recorded (never spent twice), or steps < 0.
+            BudgetExceeded: `key` is already recorded (never spent twice).
             ConfigError: the file is corrupt.
         """
         if steps < 0:
             raise ValueError(f"steps must be >= 0 (got {steps})")
-        with self._locked() as dir_fd:
+        with self._locked():
             state = self._load()  # re-read under the lock: another process may have recorded since
             if any(entry["key"] == key for entry in state["history"]):
-                raise ValueError(f"privacy ledger {self.path} already holds {key!r}: it is never spent twice")
+                # e.g. one instruction delivered to two processes at once: the second must not send its update
+                raise BudgetExceeded(f"{DECLINES}: privacy ledger {self.path} already holds {key!r}: it is never "
+                                     "spent twice")
             params, eps = state["parameters"], self._epsilon_after(state, steps)
             state["history"].append({"key": key, "noise_multiplier": params["noise_multiplier"],
                                      "sample_rate": params["sample_rate"], "steps": int(steps), "epsilon": eps})
-            self._write(state, dir_fd)
+            self._write(state)
         return eps
 
 

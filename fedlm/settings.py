@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,7 +172,9 @@ class DatasetSettings:
         if self.hf_name:
             return "huggingface"
         if self.path:
-            return "text_folder" if Path(self.path).expanduser().is_dir() else "jsonl"
+            # os.path.isdir, unlike Path.is_dir, answers False where a parent folder may not be entered:
+            # loading the data then names the path and the reason.
+            return "text_folder" if os.path.isdir(Path(self.path).expanduser()) else "jsonl"
         return "packages"
 
     def resolved_partitioner(self) -> str:
@@ -377,9 +381,17 @@ class ServerSettings:
     """Save the global adapter every N rounds (0: only at the end)."""
     central_eval_path: str = ""
     """Optional server-side held-out text (a folder of .txt files or a .jsonl file)."""
+    round_timeout: float = 600.0
+    """Seconds the server waits for training and evaluation replies in one round; late replies are dropped."""
+    min_replies: int = 2
+    """Valid training replies below which a round is abandoned and the global adapter stays unchanged. At least
+    2: a sum of one update is that update, and publishing it would expose that client."""
 
     def __post_init__(self) -> None:
         _check(self.save_every >= 0, f"server.save_every must be >= 0 (got {self.save_every})")
+        _check(self.round_timeout > 0, f"server.round_timeout must be > 0 seconds (got {self.round_timeout})")
+        _check(self.min_replies >= 2, f"server.min_replies must be >= 2 (got {self.min_replies}): a round "
+               "published from one reply is that client's update")
 
 
 DEPLOYMENTS = ("simulation", "superlink")
@@ -435,6 +447,8 @@ class RunSettings:
     """Where metrics, the adapter, the report and the prepared client data go."""
     cache_dir: str = ""
     """Where built base models are kept between runs; empty: $POLLINATE_CACHE or ~/.cache/pollinate."""
+    resume: str = ""
+    """A run directory to continue from its last committed round (empty: start a new run)."""
 
     def __post_init__(self) -> None:
         fed, secagg = self.federation, self.secagg
@@ -451,9 +465,11 @@ class RunSettings:
             _check(False, f"strategy=frozen_a cannot be combined with lora.client_ranks={list(self.lora.client_ranks)} "
                    "below lora.r: a lower-rank client cannot rebuild the global frozen A; use another strategy or "
                    "clear lora.client_ranks")
+        _check(self.server.min_replies <= fed.clients_per_round,
+               f"server.min_replies={self.server.min_replies} exceeds federation.clients_per_round="
+               f"{fed.clients_per_round}: no round could ever complete; sample at least {self.server.min_replies} "
+               "clients per round")
         if secagg.enabled:
-            _check(fed.clients_per_round >= 2, "secagg=secaggplus needs federation.clients_per_round >= 2 "
-                   f"(got {fed.clients_per_round}): a sum of one update is that update")
             shares = min(secagg.num_shares, fed.clients_per_round)
             _check(secagg.reconstruction_threshold <= shares,
                    f"secagg.reconstruction_threshold={secagg.reconstruction_threshold} exceeds the "
@@ -517,6 +533,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number (got {value!r})")
+        if not math.isfinite(value):  # inf passes every "> 0" check and fails deep inside training instead
+            raise ConfigError(f"{key} must be a finite number (got {value!r})")
         return float(value)
     if hint is str:
         if value is None:
@@ -541,3 +559,31 @@ def settings_from_run_config(run_config: dict[str, Any]) -> RunSettings:
     except json.JSONDecodeError as err:
         raise ConfigError(f"run_config key `settings` is not valid JSON ({err}); produce it with "
                           "RunSettings.to_json() or `python -m simulations.run --cfg job`") from None
+
+
+# What a resumed run must keep: the model, its data, its privacy promises and how updates are combined.
+RESUME_FIXED = ("model.", "lora.", "dataset.", "privacy.", "strategy.", "seed", "federation.num_clients")
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(original: RunSettings, resumed: RunSettings, run_dir: str) -> None:
+    """Refuse to resume with settings that would change what the run trains or promises.
+
+    Raises:
+        ConfigError: naming the first differing key, both values and the fix.
+    """
+    before, after = _flat(dataclasses.asdict(original)), _flat(dataclasses.asdict(resumed))
+    for key in sorted(before):
+        if key.startswith(RESUME_FIXED) and before[key] != after.get(key):
+            raise ConfigError(f"resume={run_dir}: {key} was {before[key]!r} in that run and is {after.get(key)!r} "
+                              "now; a resumed run keeps its model, data, privacy and strategy settings (drop the "
+                              "override, or start a new run)")

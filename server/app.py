@@ -16,11 +16,13 @@ from peft import PeftModel
 from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
 from fedlm.data import load_texts, pack_texts, prepare_federation
 from fedlm.model import apply_lora, load_base_model
-from fedlm.settings import RunSettings, settings_from_run_config
+from fedlm.settings import RunSettings, check_resumable, settings_from_run_config
 from fedlm.training import evaluate, perplexity
+from server.checkpoint import load_strategy_state, read_state
 from server.loop import RoundLoop, build_fit_workflow
 from server.metering import MeteredGrid
 from server.recorder import RunRecorder
+from server.sampling import StableClientManager
 from server.report import write_report
 from strategies import EvaluateFn, build_strategy
 
@@ -43,21 +45,31 @@ def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> Eva
 
 
 def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
-    """Prepare, run every round, and leave metrics, the adapter and a report in `settings.output_dir`."""
-    random.seed(settings.seed)  # Flower's client sampling draws from the global `random`
+    """Prepare (or resume), run every round, and leave metrics, the adapter and a report in
+    `settings.output_dir`."""
+    random.seed(settings.seed)
     np.random.seed(settings.seed)
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    resumed = read_state(Path(settings.resume)) if settings.resume else None
+    if resumed:
+        check_resumable(resumed.settings, settings, settings.resume)
     base, tokenizer = load_base_model(settings.model, settings.cache_dir)
     if settings.deployment.name == "simulation":  # deployed devices bring their own data (node config data-path)
         prepare_federation(settings, tokenizer, out_dir / "data")  # a no-op when the launcher already did it
     model = apply_lora(base, settings.lora, settings.seed, frozen_a=settings.strategy.frozen_a)
-    initial = ndarrays_to_parameters(adapter_to_arrays(model))
+    initial = ndarrays_to_parameters(resumed.arrays if resumed else adapter_to_arrays(model))
     strategy = build_strategy(settings, initial, central_evaluator(settings, model, tokenizer))
-    metered = MeteredGrid(grid)
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy)
-    recorder = RunRecorder(out_dir, model, metered, settings.federation.rounds, settings.server.save_every)
-    RoundLoop(on_round_end=recorder, fit_workflow=build_fit_workflow(settings))(metered, legacy)
+    first_round = 0
+    if resumed:
+        load_strategy_state(strategy, resumed.strategy_state)
+        first_round = resumed.server_round + 1
+        log(INFO, "Resuming %s after its committed round %d", out_dir, resumed.server_round)
+    metered = MeteredGrid(grid, timeout=settings.server.round_timeout)
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy,
+                           client_manager=StableClientManager(metered, settings.seed, settings.server.round_timeout))
+    recorder = RunRecorder(out_dir, model, metered, settings, first_round)
+    RoundLoop(recorder, build_fit_workflow(settings), first_round)(metered, legacy)
     report = write_report(out_dir, settings)
     log(INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)
 

@@ -24,10 +24,15 @@ def payload_bytes(message: Message) -> int:
 
 
 class MeteredGrid(Grid):
-    """Delegates to a real Grid and adds up bytes sent to (down) and received from (up) clients."""
+    """Delegates to a real Grid and adds up bytes sent to (down) and received from (up) clients.
 
-    def __init__(self, grid: Grid) -> None:
+    It also bounds every exchange that sets no timeout of its own (Flower's plain fit and evaluate steps wait
+    forever) by `timeout` seconds: replies that arrive later are dropped.
+    """
+
+    def __init__(self, grid: Grid, timeout: float | None = None) -> None:
         self._grid = grid
+        self.timeout = timeout
         self.bytes_down = 0
         self.bytes_up = 0
         self.train_nodes: set[int] = set()
@@ -74,6 +79,6 @@ class MeteredGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         self._sent(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self._grid.send_and_receive(messages, timeout=self.timeout if timeout is None else timeout))
         self._received(replies)
         return replies

@@ -61,6 +61,10 @@ def privacy_lines(rows: list[dict], settings: RunSettings) -> list[str]:
         "within budget.", "", "![epsilon](epsilon.png)", ""]
 
 
+def _cell(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def write_report(run_dir: Path, settings: RunSettings, title: str = "Pollinate run") -> Path:
     """Write report.md and its PNG plots into `run_dir`; returns the report's path."""
     rows = read_metrics(run_dir)
@@ -72,23 +76,27 @@ def write_report(run_dir: Path, settings: RunSettings, title: str = "Pollinate r
     if settings.privacy.enabled:
         _plot(rows, {"epsilon_max": "max over clients that trained", "epsilon_mean": "mean over them"},
               "cumulative epsilon", run_dir / "epsilon.png")
-    first, last = rows[0], rows[-1]
-    change = 100 * (last["eval_perplexity"] / first["eval_perplexity"] - 1)
+    evaluated = [r for r in rows if r["eval_perplexity"] is not None]  # a round can end with no evaluation
     total_seconds = sum(r["seconds"] for r in rows)
+    headline = "No round was evaluated."
+    if evaluated:
+        first, last = evaluated[0], evaluated[-1]
+        change = 100 * (last["eval_perplexity"] / first["eval_perplexity"] - 1)
+        headline = (f"Held-out perplexity (federated evaluation on every client's own held-out split): "
+                    f"**{first['eval_perplexity']:.2f} at round {first['round']}"
+                    f"{' (base model)' if first['round'] == 0 else ''} -> {last['eval_perplexity']:.2f} "
+                    f"after round {last['round']}** ({change:+.1f} %).")
     lines = [
-        f"# {title}", "",
-        f"Held-out perplexity (federated evaluation on every client's own held-out split): "
-        f"**{first['eval_perplexity']:.2f} at round 0 (base model) -> {last['eval_perplexity']:.2f} after round "
-        f"{last['round']}** ({change:+.1f} %). Wall time {total_seconds:.0f} s.", "",
+        f"# {title}", "", f"{headline} Wall time {total_seconds:.0f} s.", "",
         *privacy_lines(rows, settings),
         "| round | train loss | held-out loss | held-out ppl | worst client ppl | clients ok/sampled (declined) "
         "| MB down | MB up | seconds |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        train = "" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
-        worst = "" if r.get("eval_perplexity_worst") is None else f"{r['eval_perplexity_worst']:.2f}"
-        lines.append(f"| {r['round']} | {train} | {r['eval_loss']:.3f} | {r['eval_perplexity']:.2f} | {worst} "
+        train, loss, ppl, worst = (_cell(r.get(key), digits) for key, digits in (
+            ("train_loss", 3), ("eval_loss", 3), ("eval_perplexity", 2), ("eval_perplexity_worst", 2)))
+        lines.append(f"| {r['round']} | {train} | {loss} | {ppl} | {worst} "
                      f"| {r['clients_ok']}/{r['clients_sampled']} ({r.get('clients_declined', 0)}) | {r['bytes_down'] / 1e6:.2f} "
                      f"| {r['bytes_up'] / 1e6:.2f} | {r['seconds']:.1f} |")
     if any("central_perplexity" in r for r in rows):

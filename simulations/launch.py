@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlm.settings import RunSettings
+from fedlm.settings import ConfigError, RunSettings
 
 # Offline and reproducible by default: no telemetry, no update checks, and never let Flower install
 # packages at run time (it would pull a multi-GB CUDA torch).
@@ -42,30 +43,45 @@ class RunOutcome:
     rows: list[dict]
 
     @property
-    def initial_perplexity(self) -> float:
-        return self.rows[0]["eval_perplexity"]
+    def initial_perplexity(self) -> float | None:
+        """Held-out perplexity at the first evaluated round (round 0, the base model, unless it timed out)."""
+        return next((r["eval_perplexity"] for r in self.rows if r["eval_perplexity"] is not None), None)
 
     @property
-    def final_perplexity(self) -> float:
-        return self.rows[-1]["eval_perplexity"]
+    def final_perplexity(self) -> float | None:
+        return next((r["eval_perplexity"] for r in reversed(self.rows) if r["eval_perplexity"] is not None), None)
+
+
+def _writable(output_dir: str) -> Path:
+    out_dir = Path(output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as err:
+        raise ConfigError(f"output_dir={output_dir!r} cannot be written ({err.strerror or err}); point it at a "
+                          "folder this user may write") from None
+    return out_dir
 
 
 def prepare(settings: RunSettings) -> None:
-    """Everything that can fail on bad input, before any federation starts: data, model, tokenizer.
+    """Everything that can fail on bad input, before any federation starts: data, tokenizer, model.
 
-    The data is read first, so a wrong path fails in milliseconds rather than after a base model build.
+    Cheapest first: the data files (a wrong path fails in milliseconds), then what needs the tokenizer and
+    the model's config (rows per client, context length), then the weights. settings.json, written last and
+    atomically, marks a run whose inputs all passed.
     """
-    from fedlm.data import load_corpus, load_texts, prepare_federation
-    from fedlm.model import load_base_model
+    from fedlm.data import load_corpus, load_texts, prepare_federation, write_json_atomic
+    from fedlm.model import check_context, load_base_model, load_tokenizer
 
     corpus = load_corpus(settings.dataset, num_sources=settings.federation.num_clients, seed=settings.seed)
     if settings.server.central_eval_path:
         load_texts(settings.server.central_eval_path, settings.dataset, key="server.central_eval_path")
-    out_dir = Path(settings.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _, tokenizer = load_base_model(settings.model, settings.cache_dir)
+    out_dir = _writable(settings.output_dir)
+    tokenizer = load_tokenizer(settings.model, settings.cache_dir)
+    check_context(settings.model, settings.dataset.seq_len, settings.cache_dir)
     prepare_federation(settings, tokenizer, out_dir / "data", corpus)
-    (out_dir / "settings.json").write_text(json.dumps(json.loads(settings.to_json()), indent=2))
+    load_base_model(settings.model, settings.cache_dir)
+    write_json_atomic(out_dir / "settings.json", json.loads(settings.to_json()))
 
 
 def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
@@ -83,6 +99,7 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addFilter(_DropDeprecationNotice())
     flwr_logger.propagate = False  # it prints itself; a root handler (Opacus installs one) would double it
+    flwr_logger.disabled = False  # Hydra's logging set-up disables loggers that exist before it runs
     fed = settings.federation
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -101,6 +118,7 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
     outcome = RunOutcome(out_dir, rows)
     print(f"\nPollinate: {len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity "
-          f"{outcome.initial_perplexity:.2f} (round 0, base) -> {outcome.final_perplexity:.2f} "
-          f"(round {rows[-1]['round']}).\nOutputs: {out_dir} (metrics.jsonl, adapter/, report.md)", flush=True)
+          f"{outcome.initial_perplexity or float('nan'):.2f} (round 0, base) -> "
+          f"{outcome.final_perplexity or float('nan'):.2f} (round {rows[-1]['round']}).\n"
+          f"Outputs: {out_dir} (metrics.jsonl, adapter/, report.md)", flush=True)
     return outcome

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedlm.settings import ConfigError, RunSettings, settings_from_dict
+from fedlm.settings import ConfigError, RunSettings, check_resumable, settings_from_dict
+from server.checkpoint import read_state
 from simulations.launch import simulate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -30,6 +32,30 @@ def compose_settings(overrides: list[str], output_dir: str) -> RunSettings:
     check_override_keys(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_settings(compose(config_name="config", overrides=overrides), output_dir)
+
+
+def resumed_settings(composed: RunSettings, overrides: list[str]) -> RunSettings:
+    """The settings the run in `composed.resume` committed, changed only where `overrides` say so.
+
+    Raises:
+        ConfigError: no committed round there, or an override of what a resumed run must keep.
+    """
+    run_dir = composed.resume
+    original = read_state(Path(run_dir)).settings
+    data, new = json.loads(original.to_json()), json.loads(composed.to_json())
+    for override in overrides:
+        *parents, leaf = override.split("=", 1)[0].lstrip("+~").split(".")
+        if parents + [leaf] == ["resume"]:
+            continue
+        if parents[:1] + [leaf] == ["experiment"] or (parents or [leaf])[0] not in new:
+            raise ConfigError(f"resume={run_dir} takes key=value overrides, not {override}")
+        target, source = data, new
+        for part in parents:
+            target, source = target[part], source[part]
+        target[leaf] = source[leaf]
+    settings = settings_from_dict(RunSettings, data | {"resume": run_dir, "output_dir": run_dir})
+    check_resumable(original, settings, run_dir)
+    return settings
 
 
 def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
@@ -58,23 +84,29 @@ def check_override_keys(overrides: list[str]) -> None:
             raise ConfigError(f"unknown setting {key}{hint}")
 
 
+def refuse(err: ConfigError) -> None:
+    # One clear line, no traceback: the message already names the key or file and the fix.
+    print(f"Configuration error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
         settings = to_settings(cfg, HydraConfig.get().runtime.output_dir)
+        if settings.resume:
+            settings = resumed_settings(settings, list(HydraConfig.get().overrides.task))
         if settings.deployment.name == "superlink":
             from simulations.deploy import deploy
             return deploy(settings).final_perplexity
         return simulate(settings).final_perplexity
     except ConfigError as err:
-        # One clear line, no traceback: the message already names the key or file and the fix.
-        print(f"Configuration error: {err}", file=sys.stderr)
-        sys.exit(2)
+        refuse(err)
 
 
 if __name__ == "__main__":
     try:
         check_override_keys([a for a in sys.argv[1:] if not a.startswith("-")])
     except ConfigError as err:
-        sys.exit(f"Configuration error: {err}")
+        refuse(err)
     main()

@@ -11,6 +11,7 @@ from fedlm.settings import ConfigError, RunSettings
 from strategies.client_dp import ClientLevelDP
 from strategies.fedavg import build_fedavg
 from strategies.server_opt import build_server_optimizer
+from strategies.validation import ValidatedReplies
 
 EvaluateFn = Callable[[int, list, dict], "tuple[float, dict] | None"]
 
@@ -42,7 +43,16 @@ def build_strategy(settings: RunSettings, initial: Parameters, evaluate_fn: Eval
                                  noise_multiplier=privacy.update_noise_multiplier,
                                  sample_rate=fed.clients_per_round / fed.num_clients,
                                  delta=privacy.delta or min(1e-5, 1 / fed.num_clients))
-    return strategy
+    return ValidatedReplies(strategy, initial, min_replies=settings.server.min_replies,
+                            max_weight=fed.max_client_weight)
+
+
+def strategy_layers(strategy: Strategy) -> list[Strategy]:
+    """The wrappers from the outside in, then the strategy they wrap (each wrapper keeps it as `inner`)."""
+    layers = [strategy]
+    while hasattr(layers[-1], "inner"):
+        layers.append(layers[-1].inner)
+    return layers
 
 
 def strategy_names() -> list[str]:

@@ -16,14 +16,15 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedlm.privacy import client_level_epsilon
+from strategies.wrapper import StrategyWrapper
 
 
-class ClientLevelDP(Strategy):
+class ClientLevelDP(StrategyWrapper):
     """Delegates everything to `inner`; adds noise to what its aggregate_fit returns and accounts for it."""
 
     def __init__(self, inner: Strategy, *, clipping_norm: float, noise_multiplier: float, sample_rate: float,
                  delta: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.clipping_norm = clipping_norm
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
@@ -32,20 +33,12 @@ class ClientLevelDP(Strategy):
         # The noise must be secret: a server-known seed would let anyone subtract it.
         self.rng = np.random.default_rng(secrets.randbits(128))
 
-    def initialize_parameters(self, client_manager):
-        return self.inner.initialize_parameters(client_manager)
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What a resumed run needs to go on accounting: the rounds noised so far (the noise stays secret)."""
+        return {"rounds_noised": np.array(self.rounds_noised)}
 
-    def configure_fit(self, server_round, parameters, client_manager):
-        return self.inner.configure_fit(server_round, parameters, client_manager)
-
-    def configure_evaluate(self, server_round, parameters, client_manager):
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round, results, failures):
-        return self.inner.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round, parameters):
-        return self.inner.evaluate(server_round, parameters)
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.rounds_noised = int(state["rounds_noised"])
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from flwr.common import Metrics, Parameters
 from flwr.server.strategy import FedAvg

@@ -74,3 +74,13 @@ def text_folder(tmp_path_factory) -> Path:
         sub.mkdir(exist_ok=True)
         (sub / f"doc{i}.txt").write_text(make_text(100 + i, 600))
     return root
+
+
+def fit_reply(arrays: list, n: int, server_round: int = 1, node: str = "1", **metrics) -> tuple:
+    """A (proxy, FitRes) pair as a fit workflow hands it to `aggregate_fit`; the proxy only carries its node id."""
+    from types import SimpleNamespace
+
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    metrics = {"train_loss": 1.0, "train_seconds": 1.0, "train_tokens": 1, "round": server_round} | metrics
+    return SimpleNamespace(cid=node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, metrics)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
@@ -16,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 from fedlm import data
 from fedlm.data import (ClientData, build_client_data, client_data_path, load_corpus, load_texts,
                         pack_texts, partition_corpus, prepare_federation)
-from fedlm.settings import ConfigError, DatasetSettings, FederationSettings, RunSettings
+from fedlm.settings import ConfigError, DatasetSettings, FederationSettings, RunSettings, TrainSettings
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 Tok = PreTrainedTokenizerFast
@@ -107,7 +111,7 @@ def test_text_folder_empty_and_missing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"dataset\.path='{tmp_path}' has no \.txt files"):
         load_corpus(DatasetSettings(source="text_folder", path=str(tmp_path)), num_sources=0, seed=0)
     write(tmp_path / "a.txt", "\n\n")
-    with pytest.raises(ConfigError, match=r"no non-empty documents"):
+    with pytest.raises(ConfigError, match=rf"dataset\.path='{tmp_path}' holds no text: none of its 1 \.txt file"):
         load_corpus(DatasetSettings(path=str(tmp_path)), num_sources=0, seed=0)
     with pytest.raises(ConfigError, match=r"dataset\.source=jsonl needs dataset\.path to be a \.jsonl file"):
         load_corpus(DatasetSettings(source="jsonl", path=str(tmp_path)), num_sources=0, seed=0)
@@ -292,7 +296,8 @@ def test_client_data_round_trip_and_load_errors(tmp_path: Path) -> None:
 def federation_settings(folder: Path, **dataset: object) -> RunSettings:
     ds = DatasetSettings(path=str(folder), partitioner="natural", seq_len=16, min_train_sequences=4,
                          min_eval_sequences=1, **dataset)
-    return RunSettings(dataset=ds, federation=FederationSettings(num_clients=3, clients_per_round=3), seed=5)
+    return RunSettings(dataset=ds, federation=FederationSettings(num_clients=3, clients_per_round=3),
+                       train=TrainSettings(batch_size=4), seed=5)
 
 
 def test_prepare_federation_writes_then_reuses(tmp_path: Path, tokenizer: Tok) -> None:
@@ -344,3 +349,169 @@ def test_load_texts_reads_folders_jsonl_and_single_files(tmp_path: Path) -> None
     assert load_texts(tmp_path / "c.jsonl", settings) == [templated, "t"]
     with pytest.raises(ConfigError, match=r"server\.central_eval_path='.*gone' does not exist"):
         load_texts(tmp_path / "gone", settings, key="server.central_eval_path")
+
+
+# ---------------------------------------------------------------- bad input: one clear error, naming file and value
+
+def load(path: Path, **settings: object) -> datasets.Dataset:
+    return load_corpus(DatasetSettings(path=str(path), **settings), num_sources=0, seed=0)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin/a.txt", b"line one\ncaf\xe9\n", r"a\.txt is not UTF-8 text \(invalid continuation byte at byte 12, line 2\)"),
+    ("utf16/a.txt", "hello".encode("utf-16"), r"a\.txt is not UTF-8 text \(invalid start byte at byte 0, line 1\)"),
+    ("d.jsonl", b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n', r"d\.jsonl is not UTF-8 text \(.* at byte 29, line 3\)"),
+    ("d.jsonl", b'{"text": "ok"}\n{"text": {"a": 1}}\n',
+     r"d\.jsonl, line 2: field 'text' holds a JSON object \(\{\"a\": 1\}\), not a string"),
+    ("d.jsonl", b'{"text": ["a", "b"]}\n', r"d\.jsonl, line 1: field 'text' holds a JSON array"),
+    ("d.jsonl", b'{"prompt": "p", "response": 4}\n', r"d\.jsonl, line 1: field 'response' holds a JSON number \(4\)"),
+    ("d.jsonl", b'{"text": "ok"}\n[1, 2]\n', r"d\.jsonl, line 2: expected a JSON object, got list"),
+    ("d.jsonl", b'{"text": "ok"}\n{"text": "cut\n', r"d\.jsonl, line 2: invalid JSON"),
+    ("d.jsonl", b"", r"dataset\.path='.*d\.jsonl' holds no text: none of its 0 record"),
+    ("d.jsonl", b'{"text": " "}\n\n{"text": null}\n', r"dataset\.path='.*d\.jsonl' holds no text: none of its 2 record"),
+    ("blank/a.txt", b"", r"dataset\.path='.*blank' holds no text: none of its 1 \.txt file"),
+    ("one.txt", b"a whole corpus in one file", r"dataset\.path='.*one\.txt' is a single \.txt file.*point "
+                                               r"dataset\.path at a folder of \.txt files"),
+])
+def test_bad_files_are_refused_naming_the_file_and_what_is_wrong(tmp_path: Path, name: str, content: bytes,
+                                                                 message: str) -> None:
+    path = write(tmp_path / name, content)
+    target = path.parent if name.endswith(".txt") and "/" in name else path
+    with pytest.raises(ConfigError, match=message):
+        load(target)
+
+
+def test_a_jsonl_line_past_the_limit_is_refused_by_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "MAX_JSONL_LINE_BYTES", 100)
+    path = write(tmp_path / "d.jsonl", '{"text": "short"}\n' + json.dumps({"text": "x" * 200}) + "\n")
+    with pytest.raises(ConfigError, match=r"d\.jsonl, line 2 is longer than 100 bytes, the most one record may take .*split it into several records"):
+        load(path)
+    write(path, '{"text": "short"}\n' + json.dumps({"text": "x" * 80}) + "\n")  # under the limit: read
+    assert load(path)["text"] == ["short", "x" * 80]
+
+
+def test_huge_files_are_read_only_up_to_the_cap_even_inside_a_character(tmp_path: Path) -> None:
+    write(tmp_path / "big" / "a.txt", "é" * 50_000 + "\xff tail never read")  # é is 2 bytes; the read stops at 4,007
+    write(tmp_path / "big" / "b.txt", "ok")
+    assert load(tmp_path / "big", max_chars_per_source=1001)["text"] == ["é" * 1001, "ok"]
+    write(tmp_path / "d.jsonl", json.dumps({"text": "y" * 5000}) + "\n")
+    assert load(tmp_path / "d.jsonl", max_chars_per_source=1001)["text"] == ["y" * 1001]
+
+
+def test_long_lines_are_tokenised_in_pieces_losing_nothing(tokenizer: Tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    words = " ".join(letter_doc(c, 20) for c in LETTERS)
+    whole = tokenizer(words, add_special_tokens=False, verbose=False)["input_ids"]
+    line = "".join(LETTERS[i % 7] * (1 + i % 3) for i in range(1200))  # 2,400 characters, no whitespace at all
+    monkeypatch.setattr(data, "TOKENIZE_PIECE_CHARS", 100)
+    monkeypatch.setattr(data, "TOKENIZE_BATCH_CHARS", 250)
+    assert max(map(len, data._pieces(line))) == 100 and "".join(data._pieces(line)) == line
+    (ids_words, ids_line), _ = data._tokenize([words, line], tokenizer)
+    assert ids_words.tolist() == whole + [tokenizer.eos_token_id]  # cut before spaces: the same tokens
+    assert tokenizer.decode(ids_line[:-1].tolist()) == line
+
+
+def test_a_client_with_fewer_rows_than_a_batch_is_named(tokenizer: Tok) -> None:
+    settings = DatasetSettings(seq_len=16, min_train_sequences=1, min_eval_sequences=1)
+    texts = [letter_doc(c) for c in LETTERS[:10]]
+    rows = len(build_client_data(texts, tokenizer, settings, seed=0, name="client 4").train)  # fits a batch of 1
+    with pytest.raises(ConfigError, match=rf"client 4 has {rows} training sequences .*fewer than one batch "
+                                          rf"\(train\.batch_size=500\); lower train\.batch_size to at most {rows}"):
+        build_client_data(texts, tokenizer, settings, seed=0, name="client 4", batch_size=500)
+
+
+def test_a_seq_len_longer_than_the_text_names_the_client(tokenizer: Tok) -> None:
+    settings = DatasetSettings(seq_len=4096)  # each document fits in one, mostly padded, row
+    with pytest.raises(ConfigError, match=r"client 0 has 1 training and 1 held-out sequences of dataset\.seq_len="
+                                          r"4096 tokens \(from 2 documents\), but needs dataset\.min_train_sequences=8"):
+        build_client_data([letter_doc("a"), letter_doc("b")], tokenizer, settings, seed=0, name="client 0")
+
+
+def test_a_failed_write_removes_what_it_wrote(tmp_path: Path, tokenizer: Tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "corpus"
+    for k, c in enumerate("abc"):
+        for j in range(5):
+            write(folder / f"site{k}" / f"{j}.txt", letter_doc(c, 40 + j))
+    saved = []
+
+    def disk_full_on_the_second(self: ClientData, path: Path) -> None:
+        if saved:
+            raise OSError(28, "No space left on device")
+        saved.append(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"written")
+    monkeypatch.setattr(ClientData, "save", disk_full_on_the_second)
+    with pytest.raises(ConfigError, match=r"output_dir: the prepared data cannot be written to .*prepared "
+                                          r"\(No space left on device\)"):
+        prepare_federation(federation_settings(folder), tokenizer, tmp_path / "prepared")
+    assert saved and not list((tmp_path / "prepared").iterdir())
+
+
+# ---------------------------------------------------------------- unreadable paths (chmod 000)
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder user `nobody` can reach (pytest's own tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="pollinate-perm-"))
+    path.chmod(0o755)
+    yield path
+    for sub in path.rglob("*"):
+        sub.chmod(0o755)
+    shutil.rmtree(path)
+
+
+def refusal(call: Callable[[], object]) -> str:
+    """`call()`'s ConfigError message where chmod 000 bites: as root (who reads anything), in a forked child
+    that drops to user nobody."""
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError) as err:
+            call()
+        return str(err.value)
+    codecs.lookup("utf-8-sig")  # imported lazily from the stdlib, which lies under /root: nobody cannot import it
+    read, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one line, never return into pytest
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            call()
+            outcome = "no error"
+        except ConfigError as err:
+            outcome = f"ConfigError: {err}"
+        except BaseException as err:
+            outcome = f"{type(err).__name__}: {err}"
+        finally:
+            os.write(write_end, outcome.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read, "rb") as handle:
+        outcome = handle.read().decode()
+    os.waitpid(pid, 0)
+    assert outcome.startswith("ConfigError: "), outcome
+    return outcome.removeprefix("ConfigError: ")
+
+
+@pytest.mark.parametrize("locked", ["site1/secret.txt", "site1", ".", "d.jsonl"])
+def test_unreadable_files_and_folders_are_named(shared_dir: Path, locked: str) -> None:
+    write(shared_dir / "site0" / "a.txt", letter_doc("a"))
+    write(shared_dir / "site1" / "secret.txt", letter_doc("b"))
+    write(shared_dir / "d.jsonl", '{"text": "t"}\n')
+    (shared_dir / locked).chmod(0o000)
+    target = shared_dir / "d.jsonl" if locked == "d.jsonl" else shared_dir
+    message = refusal(lambda: load(target))
+    assert message.startswith(f"dataset.path: {shared_dir / locked} cannot be read (Permission denied); "
+                              "give this user read access")
+
+
+def test_an_unreachable_central_eval_path_is_named(shared_dir: Path) -> None:
+    write(shared_dir / "locked" / "eval" / "a.txt", "text")
+    (shared_dir / "locked").chmod(0o000)
+    message = refusal(lambda: load_texts(shared_dir / "locked" / "eval", DatasetSettings(), key="server.central_eval_path"))
+    assert message.startswith(f"server.central_eval_path: {shared_dir / 'locked' / 'eval'} cannot be read (Permission denied)")
+
+
+def test_a_data_folder_inside_a_locked_folder_is_named(shared_dir: Path) -> None:
+    write(shared_dir / "outer" / "data" / "a.txt", letter_doc("a"))
+    (shared_dir / "outer").chmod(0o000)
+    message = refusal(lambda: load(shared_dir / "outer" / "data"))
+    assert message.startswith(f"dataset.path: {shared_dir / 'outer' / 'data'} cannot be read (Permission denied)")

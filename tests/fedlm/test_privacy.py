@@ -16,7 +16,7 @@ from opacus.optimizers import DPOptimizer
 
 import fedlm.privacy as privacy_mod
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import (PrivacyLedger, clip_update, calibrate_noise, epsilon_of, poisson_batches, poisson_rate,
+from fedlm.privacy import (BudgetExceeded, PrivacyLedger, clip_update, calibrate_noise, epsilon_of, poisson_batches, poisson_rate,
                            resolve_delta, train_local_dp)
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, PrivacySettings, TrainSettings
 from fedlm.training import sequence_losses, train_local
@@ -257,7 +257,7 @@ def test_an_instruction_delivered_twice_is_spent_once(tmp_path):
     ledger.open(**PARAMS)
     eps = ledger.record("run:1", 10)
     assert ledger.has_spent("run:1") and not ledger.has_spent("run:2")
-    with pytest.raises(ValueError, match="run:1"):
+    with pytest.raises(BudgetExceeded, match="run:1"):
         PrivacyLedger(tmp_path / "ledger.json").record("run:1", 10)
     assert PrivacyLedger(tmp_path / "ledger.json").epsilon == eps
     assert len(json.loads((tmp_path / "ledger.json").read_text())["history"]) == 1

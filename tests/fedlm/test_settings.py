@@ -62,13 +62,17 @@ def test_run_config_carries_settings_as_one_json_value():
 def test_secagg_needs_a_cohort_its_threshold_can_be_met_in():
     with pytest.raises(ConfigError, match=r"reconstruction_threshold=3 exceeds the 2 shares .* lower it to at most 2"):
         settings_from_dict(RunSettings, {"federation": {"clients_per_round": 2}})
-    with pytest.raises(ConfigError, match="needs federation.clients_per_round >= 2"):
-        settings_from_dict(RunSettings, {"federation": {"clients_per_round": 1},
-                                         "secagg": {"reconstruction_threshold": 2}})
     with pytest.raises(ConfigError, match="num_shares must be an odd whole number"):
         settings_from_dict(RunSettings, {"secagg": {"num_shares": 4}})
-    plain = settings_from_dict(RunSettings, {"federation": {"clients_per_round": 1}, "secagg": {"name": "disabled"}})
-    assert not plain.secagg.enabled
+
+
+def test_no_round_can_publish_one_clients_update():
+    for overrides in ({"federation": {"clients_per_round": 1}, "secagg": {"name": "disabled"}},
+                      {"server": {"min_replies": 3}, "federation": {"clients_per_round": 2}}):
+        with pytest.raises(ConfigError, match=r"server.min_replies=\d exceeds federation.clients_per_round=\d"):
+            settings_from_dict(RunSettings, overrides)
+    with pytest.raises(ConfigError, match=r"server.min_replies must be >= 2 \(got 1\)"):
+        settings_from_dict(RunSettings, {"server": {"min_replies": 1}})
 
 
 def test_the_default_run_is_private_and_secure():
@@ -76,3 +80,22 @@ def test_the_default_run_is_private_and_secure():
     assert settings.privacy.enabled and settings.privacy.target_epsilon <= 8 and settings.secagg.enabled
     with pytest.raises(ConfigError, match="GDP accountant can under-report"):
         settings_from_dict(RunSettings, {"privacy": {"accountant": "gdp"}})
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"federation": {"rounds": "abc"}}, r"federation\.rounds must be a whole number \(got 'abc'\)"),
+    ({"federation": {"rounds": True}}, r"federation\.rounds must be a whole number \(got True\)"),
+    ({"federation": {"num_clients": 2.0}}, r"federation\.num_clients must be a whole number \(got 2\.0\)"),
+    ({"train": {"learning_rate": [1]}}, r"train\.learning_rate must be a number \(got \[1\]\)"),
+    ({"train": {"learning_rate": float("inf")}}, r"train\.learning_rate must be a finite number \(got inf\)"),
+    ({"privacy": {"target_epsilon": float("nan")}}, r"privacy\.target_epsilon must be a finite number \(got nan\)"),
+    ({"privacy": {"target_epsilon": -1}}, r"privacy\.target_epsilon must be > 0 \(got -1\.0\); try 8"),
+    ({"privacy": {"target_epsilon": "8"}}, r"privacy\.target_epsilon must be a number \(got '8'\)"),
+    ({"dataset": {"path": ["a", "b"]}}, r"dataset\.path must be text \(got \['a', 'b'\]\)"),
+    ({"dataset": {"seq_len": 4}}, r"dataset\.seq_len must be >= 8 tokens \(got 4\)"),
+    ({"lora": {"client_ranks": ["x"]}}, r"lora\.client_ranks must be a whole number \(got 'x'\)"),
+    ({"federation": 3}, r"federation must be a mapping \(got 3\)"),
+])
+def test_wrong_override_types_and_values_name_the_key_and_the_value(data, message):
+    with pytest.raises(ConfigError, match=message):
+        settings_from_dict(RunSettings, data)

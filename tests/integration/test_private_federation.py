@@ -61,6 +61,8 @@ def test_a_small_budget_declines_exactly_the_round_that_would_exceed_it(budget_r
     settings, outcome, sizes, small, large = budget_run
     rows = outcome.rows
     assert [(r["clients_ok"], r["clients_declined"]) for r in rows[1:]] == [(2, 0), (2, 0), (1, 1)]
+    # One update is never published as the global adapter (server.min_replies), though its privacy was spent.
+    assert [r["abandoned"] for r in rows[1:]] == [False, False, True]
     small_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{small}.json")
     large_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{large}.json")
     assert small_ledger.epsilon == pytest.approx(_epsilon(sizes[small], 2), abs=1e-9)

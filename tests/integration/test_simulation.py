@@ -3,9 +3,7 @@
 import json
 import math
 
-import numpy as np
 import pytest
-import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -100,10 +98,10 @@ def test_another_architecture_and_a_jsonl_file_need_no_code_change(tmp_path, tin
     records = [{"prompt": f"question {i} " + "data model " * 30, "response": "answer " * 40} for i in range(8)]
     path = tmp_path / "records.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
-    settings = _settings(tmp_path, tiny_gpt2_dir, path, federation={"num_clients": 2, "clients_per_round": 1,
+    settings = _settings(tmp_path, tiny_gpt2_dir, path, federation={"num_clients": 2, "clients_per_round": 2,
                                                                        "rounds": 1})
     outcome = simulate(settings)
     assert [r["round"] for r in outcome.rows] == [0, 1]
-    assert outcome.rows[1]["clients_ok"] == 1 and outcome.rows[1]["clients_sampled"] == 1
+    assert outcome.rows[1]["clients_ok"] == 2 and outcome.rows[1]["clients_sampled"] == 2
     config = json.loads((outcome.output_dir / "adapter" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and set(config["target_modules"]) == {"c_attn", "c_proj", "c_fc"}

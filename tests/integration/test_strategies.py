@@ -75,19 +75,3 @@ def test_frozen_a_keeps_a_fixed_on_every_client_and_halves_the_upload(tmp_path, 
     reference = {k: v for k, v in base.state_dict().items() if ".lora_A." in k}
     for key in a_keys:  # PEFT drops the adapter name from saved keys
         assert torch.equal(saved[key], reference[key.replace(".weight", ".default.weight")])
-
-
-def test_a_server_optimiser_state_is_saved_with_the_adapter_and_reloads(tmp_path, tiny_llama_dir, text_folder):
-    import numpy as np
-    from flwr.common import ndarrays_to_parameters
-
-    from strategies import build_strategy
-
-    settings = _settings(tmp_path, tiny_llama_dir, text_folder, "fedadam")
-    outcome = simulate(settings)
-    saved = np.load(outcome.output_dir / "adapter" / "server_optimizer.npz")
-    assert {k.split(".")[0] for k in saved.files} == {"current_weights", "m_t", "v_t"}
-    fresh = build_strategy(settings, ndarrays_to_parameters([saved[f"current_weights.{i}"]
-                                                             for i in range(len(saved.files) // 3)]))
-    fresh.load_state_dict(dict(saved))
-    assert all(np.array_equal(a, saved[f"m_t.{i}"]) for i, a in enumerate(fresh.m_t))

@@ -2,38 +2,39 @@
 
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 from fedlm.privacy import client_level_epsilon
 from fedlm.settings import RunSettings, settings_from_dict
-from strategies import build_strategy
+from strategies import build_strategy, strategy_layers
 from strategies.client_dp import ClientLevelDP
+from tests.conftest import fit_reply
 
 
-def _results(vectors):
-    return [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([v]), 1,
-                          {"train_loss": 1.0, "train_seconds": 1.0, "train_tokens": 1})) for v in vectors]
+def _results(vectors, server_round=1):
+    return [fit_reply([v], 1, server_round, node=str(i)) for i, v in enumerate(vectors)]
 
 
-def _strategy(noise):
+def _strategy(noise, size=3):
     settings = settings_from_dict(RunSettings, {
         "federation": {"num_clients": 10, "clients_per_round": 4},
         "privacy": {"update_clipping_norm": 2.0, "update_noise_multiplier": noise}})
-    return build_strategy(settings, ndarrays_to_parameters([np.zeros(3, np.float32)]))
+    return build_strategy(settings, ndarrays_to_parameters([np.zeros(size, np.float32)]))
 
 
 def test_the_wrapper_is_built_from_settings_and_accounts_per_round():
     strategy = _strategy(noise=1.0)
-    assert isinstance(strategy, ClientLevelDP) and strategy.sample_rate == 0.4
+    dp = strategy_layers(strategy)[1]
+    assert isinstance(dp, ClientLevelDP) and dp.sample_rate == 0.4
     vectors = [np.full(3, float(i), np.float32) for i in range(4)]
     for rounds in (1, 2):
-        _, metrics = strategy.aggregate_fit(rounds, _results(vectors), [])
+        _, metrics = strategy.aggregate_fit(rounds, _results(vectors, rounds), [])
         assert metrics["client_epsilon"] == pytest.approx(client_level_epsilon(1.0, 0.4, rounds, 1e-5))
     assert client_level_epsilon(1.0, 0.4, 2, 1e-5) > client_level_epsilon(1.0, 0.4, 1, 1e-5)
 
 
 def test_noise_has_std_z_c_over_k_and_failures_do_not_discard_the_round():
-    strategy = _strategy(noise=1.5)
+    strategy = _strategy(noise=1.5, size=200_000)
     big = [np.zeros(200_000, np.float32) for _ in range(4)]
     params, _ = strategy.aggregate_fit(1, _results(big), failures=[RuntimeError("a client dropped")])
     noise = parameters_to_ndarrays(params)[0]
@@ -42,4 +43,5 @@ def test_noise_has_std_z_c_over_k_and_failures_do_not_discard_the_round():
 
 
 def test_client_level_is_off_by_default():
-    assert not isinstance(build_strategy(RunSettings(), ndarrays_to_parameters([])), ClientLevelDP)
+    layers = strategy_layers(build_strategy(RunSettings(), ndarrays_to_parameters([])))
+    assert not any(isinstance(layer, ClientLevelDP) for layer in layers)

@@ -2,24 +2,21 @@
 
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 from fedlm.settings import ConfigError, RunSettings, settings_from_dict
-from strategies import build_strategy
+from strategies import build_strategy, strategy_layers
 from strategies.fedavg import eval_metrics, fit_metrics
-
-
-def _fit_res(arrays, n, loss=1.0):
-    return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n,
-                        {"train_loss": loss, "train_seconds": 2.0, "train_tokens": 10})
+from tests.conftest import fit_reply
 
 
 def test_fedavg_weights_adapters_by_example_counts():
     settings = settings_from_dict(RunSettings, {"federation": {"num_clients": 2, "clients_per_round": 2},
                                                 "secagg": {"name": "disabled"}})
     strategy = build_strategy(settings, ndarrays_to_parameters([np.zeros(2, np.float32)]))
-    params, metrics = strategy.aggregate_fit(1, [_fit_res([np.array([1.0, 3.0], np.float32)], 1, loss=4.0),
-                                                 _fit_res([np.array([4.0, 0.0], np.float32)], 2, loss=1.0)], [])
+    params, metrics = strategy.aggregate_fit(1, [
+        fit_reply([np.array([1.0, 3.0], np.float32)], 1, node="1", train_loss=4.0, train_seconds=2.0),
+        fit_reply([np.array([4.0, 0.0], np.float32)], 2, node="2", train_loss=1.0, train_seconds=2.0)], [])
     np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [3.0, 1.0])  # (1*a + 2*b) / 3
     assert metrics["train_loss"] == pytest.approx(2.0)  # (1*4 + 2*1) / 3
     assert metrics["client_train_seconds"] == 4.0 and metrics["clients_ok"] == 2
@@ -38,7 +35,7 @@ def test_fit_metrics_weight_the_loss():
 def test_clients_per_round_is_exact():
     settings = settings_from_dict(RunSettings, {"federation": {"num_clients": 7, "clients_per_round": 3}})
     strategy = build_strategy(settings, ndarrays_to_parameters([np.zeros(1, np.float32)]))
-    assert strategy.num_fit_clients(7) == (3, 7)
+    assert strategy_layers(strategy)[-1].num_fit_clients(7) == (3, 7)
 
 
 def test_unknown_strategy_lists_the_choices():

@@ -4,11 +4,12 @@ import math
 
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
 from fedlm.settings import RunSettings, settings_from_dict
-from strategies import build_strategy
+from strategies import build_strategy, strategy_layers
 from strategies.server_opt import ServerOptimizer, server_learning_rate
+from tests.conftest import fit_reply
 
 W0 = np.array([0.0, 1.0])
 TAU = 1e-9  # negligible against every sqrt(v) below, so the hand values need no tau
@@ -18,14 +19,12 @@ def _strategy(name, rounds=10, **strategy) -> ServerOptimizer:
     settings = settings_from_dict(RunSettings, {
         "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": rounds},
         "secagg": {"name": "disabled"}, "strategy": {"name": name, "tau": TAU, **strategy}})
-    return build_strategy(settings, ndarrays_to_parameters([W0.copy()]))
+    return strategy_layers(build_strategy(settings, ndarrays_to_parameters([W0.copy()])))[-1]
 
 
 def _round(strategy, server_round, client_values):
     """Aggregate one round of clients sending (values, n); returns the new global array."""
-    results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.array(v)]), n,
-                             {"train_loss": 1.0, "train_seconds": 1.0, "train_tokens": 1}))
-               for v, n in client_values]
+    results = [fit_reply([np.array(v)], n, server_round) for v, n in client_values]
     params, _ = strategy.aggregate_fit(server_round, results, [])
     return parameters_to_ndarrays(params)[0]
 
