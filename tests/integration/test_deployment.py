@@ -194,27 +194,33 @@ def test_a_device_with_trusted_entities_refuses_an_unsigned_bundle(tmp_path, tin
     pki = tmp_path / "pki"
     create_ca(pki)
     create_server_cert(pki, ["127.0.0.1"])
-    create_device(pki, "dave")
-    set_authorized(pki, "dave", allowed=True)
+    devices = ("dave", "erin")  # two: a round needs server.min_replies=2 clients
+    for name in devices:
+        create_device(pki, name)
+        set_authorized(pki, name, allowed=True)
     signer = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
     (tmp_path / "trusted.yaml").write_text(f'fpk_pollinate_release: "{signer.decode()} release@example.org"\n')
     fed = Federation(tmp_path, pki, free_port(), tiny_llama_dir)
-    (tmp_path / "data" / "dave").mkdir(parents=True)
-    (tmp_path / "data" / "dave" / "notes.txt").write_text(make_text(900, 400))
-    dave = Daemon([*fed.daemon_args("dave"), "--trusted-entities", str(tmp_path / "trusted.yaml")],
-                  tmp_path / "dave.log")
-    dave.start()
+    daemons = []
+    for i, name in enumerate(devices):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "notes.txt").write_text(make_text(900 + i, 400))
+        daemons.append(Daemon([*fed.daemon_args(name), "--trusted-entities", str(tmp_path / "trusted.yaml")],
+                              tmp_path / f"{name}.log"))
+        daemons[-1].start()
     settings = settings_from_dict(RunSettings, {
         **json.loads(fed.settings("signed", rounds=1, secagg_timeout=30.0).to_json()),
-        "federation": {"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+        "federation": {"num_clients": 2, "clients_per_round": 2, "rounds": 1},
         "privacy": {"name": "disabled"}, "secagg": {"name": "disabled"}})
     try:
         outcome = deploy(settings)
     except RuntimeError:
-        outcome = None  # a run whose every reply is an error may end early: the device's log is what counts
+        outcome = None  # a run whose every reply is an error may end early: the devices' logs are what count
     finally:
-        dave.kill()
-    assert "FAB verification failed" in dave.text() or "could not be verified" in dave.text()
-    assert not (tmp_path / "state" / "dave" / "data").exists()  # no message reached the training code
+        for daemon in daemons:
+            daemon.kill()
+    for name, daemon in zip(devices, daemons):
+        assert "FAB verification failed" in daemon.text() or "could not be verified" in daemon.text()
+        assert not (tmp_path / "state" / name / "data").exists()  # no message reached the training code
     if outcome is not None:
         assert all(r["clients_ok"] == 0 for r in outcome.rows[1:])
