@@ -1,12 +1,16 @@
-"""`python benchmarks/compare_strategies.py [--rounds N]`: every strategy on the default federation, DP off and at
-epsilon 8: held-out perplexity after the same rounds, and upload bytes per client per round."""
+"""`python benchmarks/compare_strategies.py [--rounds N] [--bytes]`: every strategy on the default federation, DP off
+and at epsilon 8: held-out perplexity after the same rounds, and upload bytes per client per round. `--bytes`: only
+one short round per strategy, for the bytes down and up per client per round (section 9)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import tempfile
 from pathlib import Path
+
+from common import command_line, log, provenance, write_sections
 
 from simulations.launch import make_offline_safe, simulate
 from simulations.run import compose_settings
@@ -18,12 +22,59 @@ SECTION = "## 5. Strategies on the default federation"
 PRIVACY = {"DP off": ["privacy=disabled"], "DP-SGD, epsilon 8": ["privacy=dp_sgd", "privacy.target_epsilon=8"]}
 
 
+# Bytes do not depend on how long a client trains: the smallest round that still sends every message.
+TINY_ROUND = ["federation.rounds=1", "train.local_steps=1", "train.batch_size=4", "train.max_eval_sequences=4",
+              "privacy=disabled"]
+
+
+def bytes_by_strategy(work: Path) -> list[str]:
+    """Section 9: payload bytes each client receives and sends in a round, per strategy, plain and with SecAgg+."""
+    rows = []
+    # SecAgg+'s messages do not depend on the server's optimiser: its two distinct payloads (A and B, or B only)
+    # are enough to show its cost next to every plain strategy.
+    runs = [(s, "disabled") for s in STRATEGIES] + [("fedavg", "secaggplus"), ("frozen_a", "secaggplus")]
+    for strategy, secagg in runs:
+        log(f"bytes: strategy={strategy} secagg={secagg}")
+        outcome = simulate(compose_settings(TINY_ROUND + [f"strategy={strategy}", f"secagg={secagg}"],
+                                            str(work / f"bytes-{strategy}-{secagg}")))
+        first, trained = outcome.rows  # round 0: evaluation only; round 1: fit, then evaluation
+        eval_down = first["bytes_down"] / first["eval_clients"]
+        fit_down = (trained["bytes_down"] - eval_down * trained["eval_clients"]) / trained["clients_sampled"]
+        fit_up = trained["bytes_up"] / trained["clients_ok"]
+        per_client = (trained["bytes_down"] + trained["bytes_up"]) / trained["eval_clients"]
+        rows.append(f"| `{strategy}` | {'SecAgg+' if secagg == 'secaggplus' else 'plain'} | {fit_down / 1e3:,.0f} "
+                    f"| {fit_up / 1e3:,.0f} | {eval_down / 1e3:,.0f} | {per_client / 1e3:,.0f} |")
+    return [
+        "## 9. Bytes down and up per client per round, by strategy", "",
+        "Default federation (8 clients, 4 trained per round, all 8 evaluated every round), embedded base, LoRA "
+        "r=8. One round per strategy (`" + " ".join(TINY_ROUND) + "`): payload bytes do not depend on how long "
+        "a client trains or on DP. Per training client: the fit instruction it downloads (the global adapter, "
+        "plus SecAgg+'s protocol messages) and everything it uploads; every client also downloads the adapter "
+        "for evaluation (its reply is metrics only). Last column: the round's total traffic divided by the 8 "
+        "clients.", "",
+        "| strategy | aggregation | KB down per training client (fit) | KB up per training client | KB down per "
+        "evaluating client | KB per client per round, all traffic / 8 |",
+        "|---|---|---:|---:|---:|---:|", *rows, "",
+        "`frozen_a` sends only the B matrices both ways (A is rebuilt from the shared seed). SecAgg+ roughly "
+        "doubles the upload (masked int64 values instead of float32) and adds key and share exchanges on both "
+        "legs; the server optimisers (`fedadam`, `fedyogi`, `fedadagrad`) keep their state on the server and "
+        "cost nothing extra on the wire.", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bytes", action="store_true", help="only section 9: one short round per strategy")
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"), help="its section 5 is replaced")
     args = parser.parse_args()
     make_offline_safe()
+    if args.bytes:
+        load, command = os.getloadavg()[0], command_line()
+        with tempfile.TemporaryDirectory(prefix="pollinate-bytes-") as tmp:
+            lines = bytes_by_strategy(Path(tmp))
+        write_sections(args.output, ["\n".join(lines[:2] + [provenance(command, load), ""] + lines[2:])])
+        print("\n".join(lines), flush=True)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="pollinate-strategies-") as tmp:
         for strategy in STRATEGIES:
