@@ -4,6 +4,7 @@ the largest simulated federation (clients registered x clients per round) that s
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
@@ -21,7 +22,7 @@ CEILING_GIB = 16.0  # the stated ceiling: what this 24 GiB machine can give a fe
 WORK = ROOT / "outputs" / "bench-memory"
 # (clients registered, clients per round): one short simulation each, largest last.
 FEDERATIONS = ((100, 20), (300, 50), (1000, 100))
-QUICK_FEDERATIONS = ((100, 20),)
+QUICK_FEDERATIONS = ((50, 10), (100, 20))
 SCALE = ["federation.rounds=1", "train.local_steps=1", "train.batch_size=4", "train.max_eval_sequences=4",
          "privacy=disabled", "secagg=secaggplus", "dataset.partitioner=iid", "dataset.min_train_sequences=2",
          "dataset.min_eval_sequences=1", "server.save_every=0"]
@@ -123,7 +124,7 @@ def federation_peak(num_clients: int, per_round: int) -> dict:
     from simulations.launch import simulate
     from simulations.run import compose_settings
 
-    docs = many_small_documents(WORK / "documents", 3 * max(n for n, _ in FEDERATIONS))
+    docs = many_small_documents(WORK / "documents", 3 * max(n for n, _ in FEDERATIONS))  # about 3 per client
     out = WORK / f"federation_{num_clients}"
     shutil.rmtree(out / "privacy", ignore_errors=True)
     settings = compose_settings(SCALE + [f"dataset.path={docs}", f"federation.num_clients={num_clients}",
@@ -141,15 +142,25 @@ def federation_peak(num_clients: int, per_round: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="only the smallest federation")
+    parser.add_argument("--quick", action="store_true", help="only the two smallest federations")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     from simulations.launch import make_offline_safe
 
     make_offline_safe()
     load, command = os.getloadavg()[0], command_line()
-    peaks = client_process_peaks()
-    rows = [federation_peak(n, k) for n, k in (QUICK_FEDERATIONS if args.quick else FEDERATIONS)]
+    # Measured rows are kept in outputs/bench-memory/results.json: an interrupted run resumes (delete it to redo).
+    cache = WORK / "results.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    if "client" not in done:
+        done["client"] = client_process_peaks()
+        cache.write_text(json.dumps(done, indent=1))
+    peaks, rows = done["client"], []
+    for n, k in QUICK_FEDERATIONS if args.quick else FEDERATIONS:
+        if f"{n},{k}" not in done:
+            done[f"{n},{k}"] = federation_peak(n, k)
+            cache.write_text(json.dumps(done, indent=1))
+        rows.append(done[f"{n},{k}"])
     fits = [r for r in rows if r["total"] <= CEILING_GIB]
     largest = max(fits, key=lambda r: r["clients"]) if fits else None
     # Extrapolation (stated as such): the tree's RSS against clients registered, through the two largest runs.

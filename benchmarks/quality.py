@@ -53,7 +53,8 @@ def descriptions_folder(root: Path, clients: int) -> Path:
         done += len(texts[name])
         path = folder / f"group_{group:02d}" / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(texts[name])
+        if not path.exists() or path.read_text() != texts[name]:  # unchanged files keep their mtime: data is reused
+            path.write_text(texts[name])
     return folder
 
 
@@ -251,8 +252,10 @@ def main() -> None:
         for epsilon in (float(e) for e in args.epsilons.split(",")):
             key, rows = f"{epsilon:g}", args.rows.split(",")
             if any(row not in results.get(key, {}) for row in rows):  # finished rows are reused (results.json)
-                results[key] = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
+                cell = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
                 cache.parent.mkdir(parents=True, exist_ok=True)
+                # Re-read first: another process may have added other epsilons (each writes only its own).
+                results = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: cell}
                 cache.write_text(json.dumps(results, indent=1))
         plot_path = ROOT / "benchmarks" / "plots" / f"quality-{out.name}.png"
         plot(results, dataset, plot_path)
