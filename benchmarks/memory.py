@@ -21,7 +21,7 @@ SECTION = "8"
 CEILING_GIB = 16.0  # the stated ceiling: what this 24 GiB machine can give a federation next to its OS and tools
 WORK = ROOT / "outputs" / "bench-memory"
 # (clients registered, clients per round): one short simulation each, largest last.
-FEDERATIONS = ((100, 20), (300, 50), (1000, 100))
+FEDERATIONS = ((50, 10), (100, 20), (300, 50))
 QUICK_FEDERATIONS = ((50, 10), (100, 20))
 SCALE = ["federation.rounds=1", "train.local_steps=1", "train.batch_size=4", "train.max_eval_sequences=4",
          "privacy=disabled", "secagg=secaggplus", "dataset.partitioner=iid", "dataset.min_train_sequences=2",
@@ -163,12 +163,17 @@ def main() -> None:
         rows.append(done[f"{n},{k}"])
     fits = [r for r in rows if r["total"] <= CEILING_GIB]
     largest = max(fits, key=lambda r: r["clients"]) if fits else None
-    # Extrapolation (stated as such): the tree's RSS against clients registered, through the two largest runs.
-    slope = ((rows[-1]["total"] - rows[-2]["total"]) / (rows[-1]["clients"] - rows[-2]["clients"])
-             if len(rows) > 1 else 0.0)
-    extrapolated = (f"about {rows[-1]['clients'] + (CEILING_GIB - rows[-1]['total']) / slope:,.0f} clients registered "
-                    f"(a straight line through the two largest runs: {1024 * slope:.2f} MiB per registered client)"
-                    if slope > 0 else "not estimable from these runs (the RSS did not grow with clients registered)")
+    # Extrapolation (stated as such): the tree's RSS against clients registered, through the two largest runs;
+    # a difference within 5 % is sampling noise, not growth.
+    growth = rows[-1]["total"] - rows[-2]["total"] if len(rows) > 1 else 0.0
+    if growth > 0.05 * rows[-1]["total"]:
+        slope = growth / (rows[-1]["clients"] - rows[-2]["clients"])
+        extrapolated = (f"about {rows[-1]['clients'] + (CEILING_GIB - rows[-1]['total']) / slope:,.0f} clients "
+                        f"registered (a straight line through the two largest runs: {1024 * slope:.2f} MiB per "
+                        "registered client)")
+    else:
+        extrapolated = (f"no limit from memory in sight: the peak grew by {1024 * growth:.0f} MiB (under 5 %) from "
+                        f"{rows[-2]['clients'] if len(rows) > 1 else '-'} to {rows[-1]['clients']} clients registered")
     table = [f"| {r['clients']:,} | {r['per_round']} | {r['ok']} | {r['total']:.2f} | {r['worker']:.2f} "
              f"| {r['seconds']:.0f} |" for r in rows]
     section = "\n".join([
@@ -179,6 +184,9 @@ def main() -> None:
         "of 16) and evaluates; its peak resident set (VmHWM).", "",
         "| client process | peak RSS GiB |", "|---|---:|",
         *(f"| {label} | {gib:.2f} |" for label, gib in peaks.items()), "",
+        "DP-SGD can peak lower than plain training: it runs a 32-sequence batch in physical chunks of "
+        "`privacy.max_physical_batch_size` = 16, halving the activations, which dominate (the per-sample "
+        "gradients of a 117k-parameter adapter are small).", "",
         "Federations: one round of the real simulation (SecAgg+ on, DP off: a tiny round, `train.local_steps=1 "
         "train.batch_size=4 train.max_eval_sequences=4`), every registered client evaluated, clients holding IID "
         "shares of source-code documents. Peak = the largest sum, sampled every 0.25 s, of the RSS of the "
@@ -192,7 +200,8 @@ def main() -> None:
         + f" Beyond the runs, extrapolated: {extrapolated}. Memory is set by the parallel workers (one per "
         "`federation.cpus_per_client` cores, each holding its own base model, adapter and activations), not by "
         "the number of virtual clients; what grows with clients registered and per round is the time (every "
-        "client is evaluated every round, SecAgg+ shares grow with the cohort).", ""])
+        "client is evaluated every round, SecAgg+ shares grow with the cohort). Wall seconds follow the machine's "
+        "load: Ray starts its workers at nice 15, so other busy processes starve the simulated clients.", ""])
     write_sections(args.output, [section])
     print(section, flush=True)
 
