@@ -194,6 +194,24 @@ def noise_to_signal(out: Path) -> str:
             "Most of each DP step is noise, so the adapter learns far less per step than without DP.")
 
 
+def personalisation_note(results: dict, lost: list[float], out: Path) -> str:
+    """Why local-only can win here: which clients gain more alone, and by how much."""
+    names = [c["sources"][0] for c in json.loads(next(out.glob("eps*/federated/data/summary.json")).read_text())]
+    parts = []
+    for e in lost:
+        cell = results[f"{e:g}"]
+        local, fed, base = cell["local-only"]["ppl"], cell["federated"]["ppl"], cell["base"]["ppl"]
+        better = [i for i in range(len(local)) if local[i] < fed[i]]
+        i = max(range(len(local)), key=lambda j: fed[j] - local[j])
+        parts.append(f"{'no DP' if e == 0 else f'ε={e:g}'}: local-only is better for {len(better)} of {len(local)} "
+                     f"clients, most for {names[i]} ({base[i]:.0f} base -> {local[i]:.0f} alone vs {fed[i]:.0f} "
+                     "federated)")
+    return ("Why: each client is scored on its own held-out text, and the clients' data differ (one code base or "
+            "one group of packages each). Local-only trains one adapter per client on exactly that distribution; "
+            "federated (and centralised) training fits one shared adapter to all of them, and a client far from "
+            "the others (high base perplexity) gains little from the average. " + "; ".join(parts) + ".")
+
+
 def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -> list[str]:
     eps = [e for e in EPSILONS if f"{e:g}" in results]
     cols = ["no DP" if e == 0 else f"ε = {e:g}" for e in eps]
@@ -211,6 +229,17 @@ def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -
     wins = [f"ε={e:g}: {'yes' if gain(results, 'federated', e) > gain(results, 'local-only', e) else '**no**'}"
             for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])]
     lines.append(f"- Federated beats local-only for the mean client: {', '.join(wins)}.")
+    lost = [e for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])
+            and gain(results, "federated", e) <= gain(results, "local-only", e)]
+    if lost:
+        lines.append(f"  {personalisation_note(results, lost, out)}")
+    worse = [e for e in eps if "centralised" in results[f"{e:g}"] and gain(results, "centralised", e) < 0]
+    if worse:
+        lines.append(f"- Centralised ends worse than the base at {', '.join(f'ε={e:g}' for e in worse)}: not a "
+                     "ceiling there. Likely cause (not isolated): it takes all the federation's steps on one adapter, "
+                     "and under DP each AdamW step moves every coordinate by about the learning rate in a mostly "
+                     "random direction, so the noise accumulates over its many steps; federated clients take "
+                     "fewer steps each and their noise is averaged.")
     if all("federated" in results.get(k, {}) for k in ("0", "8")):
         kept = gain(results, "federated", 8.0) / gain(results, "federated", 0.0)
         verdict = "met" if kept >= GAIN_KEPT_TARGET else "**not met**"
