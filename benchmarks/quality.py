@@ -267,6 +267,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{' '.join(QUICK)} for every row")
     parser.add_argument("--rows", default=",".join(ROWS[1:]), help="rows to train (the base is always evaluated)")
     parser.add_argument("--set", default="", help="extra Hydra overrides for every row, e.g. 'train.batch_size=64'")
+    parser.add_argument("--cached", action="store_true", help="only tabulate what earlier runs measured")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     extra = (QUICK if args.quick else []) + args.set.split()
@@ -280,12 +281,16 @@ def main() -> None:
         results = json.loads(cache.read_text()) if cache.exists() else {}
         for epsilon in (float(e) for e in args.epsilons.split(",")):
             key, rows = f"{epsilon:g}", args.rows.split(",")
-            if any(row not in results.get(key, {}) for row in rows):  # finished rows are reused (results.json)
+            missing = any(row not in results.get(key, {}) for row in rows)  # finished rows are reused
+            if missing and not args.cached:
                 cell = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 # Re-read first: another process may have added other epsilons (each writes only its own).
                 results = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: cell}
                 cache.write_text(json.dumps(results, indent=1))
+        if not results:
+            body += [f"### {dataset}", "", "Not measured yet.", ""]
+            continue
         plot_path = ROOT / "benchmarks" / "plots" / f"quality-{out.name}.png"
         plot(results, dataset, plot_path)
         body += table(results, dataset, label, plot_path, out) + [trained_with(out), ""]
