@@ -225,10 +225,12 @@ def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     spent = "; ".join(f"ε={e:g}: " + ", ".join(f"{row} {results[f'{e:g}'][row]['epsilon']:.2f}" for row in ROWS[1:]
                                                if row in results[f"{e:g}"]) for e in eps if e)
-    lines += ["", f"Cells: mean / worst client held-out perplexity. Largest epsilon actually spent: {spent}.", ""]
-    wins = [f"ε={e:g}: {'yes' if gain(results, 'federated', e) > gain(results, 'local-only', e) else '**no**'}"
+    lines += ["", "Cells: mean / worst client held-out perplexity." + (f" Largest epsilon actually spent: {spent}."
+                                                                     if spent else ""), ""]
+    wins = [f"{'no DP' if e == 0 else f'ε={e:g}'}: {'yes' if gain(results, 'federated', e) > gain(results, 'local-only', e) else '**no**'}"
             for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])]
-    lines.append(f"- Federated beats local-only for the mean client: {', '.join(wins)}.")
+    if wins:
+        lines.append(f"- Federated beats local-only for the mean client: {', '.join(wins)}.")
     lost = [e for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])
             and gain(results, "federated", e) <= gain(results, "local-only", e)]
     if lost:
