@@ -60,9 +60,9 @@ def bytes_by_strategy(work: Path) -> list[str]:
         "`frozen_a` sends only the B matrices both ways (A is rebuilt from the shared seed). SecAgg+ roughly "
         "doubles the upload (masked int64 values instead of float32) and adds key and share exchanges on both "
         "legs. " + ("The download grew after the first aggregation for " + ", ".join(grown) + ": the global adapter "
-                    "came out of the strategy's aggregation in a wider dtype (Flower's FedAdam multiplies by a "
-                    "NumPy float64 bias-corrected step, which NumPy 2 does not downcast), so every later message "
-                    "carries float64 arrays." if grown else "No strategy's download grew after its first "
+                    "came out of the aggregation as float64 (Flower's FedAdam multiplies by a NumPy float64 "
+                    "bias-corrected step, which NumPy 2 does not downcast; SecAgg+ dequantizes its sum with "
+                    "`astype(float)`), so every later message carries float64 arrays, twice the float32 bytes." if grown else "No strategy's download grew after its first "
                     "aggregation: the global adapter stays float32."), ""]
 
 

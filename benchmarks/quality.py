@@ -225,6 +225,9 @@ def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     spent = "; ".join(f"ε={e:g}: " + ", ".join(f"{row} {results[f'{e:g}'][row]['epsilon']:.2f}" for row in ROWS[1:]
                                                if row in results[f"{e:g}"]) for e in eps if e)
+    absent = [f"{'no DP' if e == 0 else f'ε={e:g}'}" for e in EPSILONS if f"{e:g}" not in results]
+    if absent:
+        lines += ["", f"Not measured yet: {', '.join(absent)} (`--epsilons` adds them; measured cells are kept)."]
     lines += ["", "Cells: mean / worst client held-out perplexity." + (f" Largest epsilon actually spent: {spent}."
                                                                      if spent else ""), ""]
     wins = [f"{'no DP' if e == 0 else f'ε={e:g}'}: {'yes' if gain(results, 'federated', e) > gain(results, 'local-only', e) else '**no**'}"
