@@ -311,7 +311,7 @@ def main() -> None:
         "multiplier and sampling rate as inside the federation, so the same epsilon. **federated**: the real "
         "simulation (`simulations.launch.simulate`, SecAgg+ off since it changes the aggregate by < 1e-6), its "
         "final global adapter evaluated per client. **centralised**: all clients' training rows pooled, the "
-        "federation's total number of steps, DP-SGD calibrated to the same epsilon over them (the ceiling: "
+        "federation's total number of steps, DP-SGD calibrated to the same epsilon over them (meant as the ceiling: "
         "pooling many more sequences makes each sampled step far cheaper in privacy).", "", *body])
     write_sections(args.output, [section])
     print(section, flush=True)
