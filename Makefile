@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP)  # every section into BENCHMARKS.md (hours on 2 cores); ARGS="--quick" or ARGS="--only quality,memory"
 	$(PY) benchmarks/run.py $(ARGS)
 
 bench-strategies: $(STAMP)  # about 25 minutes: every strategy, DP off and at epsilon 8

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_sections
 from fedlm.settings import RunSettings, settings_from_dict
 from server.provision import create_ca, create_device, create_server_cert, set_authorized
 from simulations.deploy import deploy
@@ -191,14 +192,7 @@ def main() -> None:
         log("per-message process costs")
         costs = message_costs(root)
     text = section(sim, dep, costs, command, load)
-    old = args.output.read_text() if args.output.exists() else ""
-    start = old.find(SECTION)
-    end = old.find("\n## ", start + 1) if start >= 0 else -1
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    args.output.write_text(new)
+    write_sections(args.output, [text])
     print(text, flush=True)
 
 

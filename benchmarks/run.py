@@ -1,22 +1,21 @@
-"""`python benchmarks/run.py [--quick] [--only SECTION]`: client throughput, federation overhead, DP, SecAgg+ cost."""
+"""`python benchmarks/run.py [--quick] [--only SECTION,...]` (`make bench`): every benchmark section into BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
-import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 import privacy_cost  # benchmarks/ is sys.path[0] when run as a script
+from common import ROOT, command_line, log, provenance, write_sections
 from fedlm.data import ClientData, client_data_path, prepare_federation
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings
@@ -24,22 +23,7 @@ from fedlm.training import evaluate, train_local
 from simulations.launch import make_offline_safe, simulate
 from simulations.run import compose_settings
 
-ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 3  # timed train_local / evaluate calls per thread count; the median is reported
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", flush=True)
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else "MemTotal: 0 kB"
-    ram_gb = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemTotal"))) / 2**20
-    avx512 = "yes" if " avx512f" in cpuinfo else "no"
-    return f"{cpu}, {os.cpu_count()} cores, {ram_gb:.0f} GiB RAM, AVX-512: {avx512}, no GPU used"
 
 
 def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
@@ -185,68 +169,64 @@ def federation(work: Path, quick: bool, facts: dict) -> list[str]:
     ]
 
 
-def merge(old: str, note: str, sections: list[str]) -> str:
-    """`old` with the sections that were re-run replaced (matched by their "## N." number) or appended."""
-    parts = old.split("\n## ")
-    head, kept = parts[0].rstrip("\n").split("\n"), {p.split(" ", 1)[0]: "## " + p for p in parts[1:]}
-    for section in sections:
-        kept[section.split(" ", 2)[1]] = section
-    prefix = note.split(":", 1)[0]  # one note per set of re-run sections: a later re-run replaces it
-    head = [line for line in head if not line.startswith(prefix + ":")]
-    at = next((i + 1 for i, line in enumerate(head) if line.startswith("- Machine:")), len(head))
-    head.insert(at, note)
-    ordered = sorted(kept.values(), key=lambda s: int(s.split(" ", 2)[1].rstrip(".")))
-    return "\n".join(head) + "\n\n" + "\n".join(s.rstrip("\n") + "\n" for s in ordered)
+SCRIPTS = {  # sections other scripts own: each runs as its own process and replaces only its section
+    "strategies": (["compare_strategies.py"], ["--rounds", "2"]),
+    "quality": (["quality.py"], ["--quick"]),
+    "memory": (["memory.py"], ["--quick"]),
+    "bytes": (["compare_strategies.py", "--bytes"], []),
+    "precision": (["precision.py"], ["--quick"]),
+    "deployment": (["deployment.py"], ["--rounds", "2"]),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="federation.rounds=3 instead of the default 10")
+    parser.add_argument("--quick", action="store_true", help="shorter versions of every section (say so in each)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="the Markdown file to write")
-    parser.add_argument("--only", choices=("all", "throughput", "federation", "dp", "secagg"), default="all",
-                        help="run one section and replace only it in --output (federation also runs throughput, "
-                        "whose data and figures it uses)")
+    parser.add_argument("--only", default="all", help="comma-separated sections to re-run, replacing only them: "
+                        f"throughput, federation, dp, secagg, {', '.join(SCRIPTS)} (federation also runs "
+                        "throughput, whose data and figures it uses)")
     args = parser.parse_args()
     make_offline_safe()  # before any tokenizer or Ray use: no downloads, no telemetry, no tokenizer threads
-    command = " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])
-    load = os.getloadavg()[0]  # timings only mean something on an otherwise idle machine: record how idle
+    chosen = set(args.only.split(",")) if args.only != "all" else {"throughput", "federation", "dp", "secagg",
+                                                                   *SCRIPTS}
+    unknown = chosen - {"throughput", "federation", "dp", "secagg", *SCRIPTS}
+    if unknown:
+        parser.error(f"--only {','.join(sorted(unknown))}: unknown; choose from throughput, federation, dp, secagg, "
+                     f"{', '.join(SCRIPTS)}")
+    load, command = os.getloadavg()[0], command_line()
     if load > 0.5:
         log(f"warning: 1-minute load average is {load:.2f}; other processes will skew the timings")
-    versions = ", ".join(f"{name} {version(name)}" for name in ("torch", "flwr", "transformers", "peft"))
-    header = [
-        "# Pollinate benchmarks", "",
-        f"- Command: `{command}` (from the repository root; `make bench` runs it)",
-        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-        f"- Versions: Python {platform.python_version()}, {versions}",
-        f"- Machine: {machine()}; 1-minute load average at start {load:.2f}", "",
-        "Throughput and peak are measured side by side in one run; nothing here is a timed test.", "",
-    ]
-    run = {"all": {1, 2, 3, 4}, "throughput": {1}, "federation": {1, 2}, "dp": {3}, "secagg": {4}}[args.only]
+    if args.only == "all" or not args.output.exists():  # a fresh head; measured sections stay until replaced
+        old = args.output.read_text() if args.output.exists() else ""
+        kept = "\n## " + old.split("\n## ", 1)[1] if "\n## " in old else ""
+        args.output.write_text("\n".join([
+            "# Pollinate benchmarks", "",
+            "Every section opens with the command that produced it, its date, the versions and the machine. "
+            f"`make bench` (`{command}`) runs them all; `python benchmarks/run.py --only SECTION[,SECTION]` re-runs "
+            "some and keeps the rest. Ratios are measured side by side in one run; nothing here is a timed test.",
+            ""]) + kept)
     sections = []
     with tempfile.TemporaryDirectory(prefix="pollinate-bench-") as tmp:
-        if run & {1, 2}:
+        if chosen & {"throughput", "federation"}:
             section1, facts = throughput(Path(tmp))
             sections.append(section1)
-        if 2 in run:
+        if "federation" in chosen:
             sections.append(federation(Path(tmp), args.quick, facts))
-        if 3 in run:
+        if "dp" in chosen:
             sections.append(privacy_cost.dp_cost(Path(tmp)))
-        if 4 in run:
+        if "secagg" in chosen:
             sections.append(privacy_cost.secagg_cost(Path(tmp)))
-    if args.only == "all" or not args.output.exists():
-        text = "\n".join(header + [line for section in sections for line in section])
-        if args.output.exists():  # sections other scripts own (5: compare_strategies.py) survive a full run
-            own = {s.split(" ", 2)[1] for s in ("\n".join(x) for x in sections)}
-            extra = [p for p in args.output.read_text().split("\n## ")[1:] if p.split(" ", 1)[0] not in own]
-            text = text.rstrip("\n") + "\n" + "".join("\n## " + p.rstrip("\n") + "\n" for p in extra)
-    else:  # keep the other sections as they were measured, and say when and how these were re-run
-        names = "-".join(str(n) for n in sorted(run)[::max(1, len(run) - 1)])
-        stamp = f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
-        note = f"- Section{'s' if len(run) > 1 else ''} {names}: `{command}`, {stamp}, 1-minute load average {load:.2f}"
-        text = merge(args.output.read_text(), note, ["\n".join(section) for section in sections])
-    args.output.write_text(text)
-    print("\n" + text, flush=True)
-    log(f"wrote {args.output}")
+    stamp = provenance(command, load)
+    if sections:  # each section's provenance goes right under its title
+        write_sections(args.output, ["\n".join(s[:2] + [stamp, ""] + s[2:]) for s in sections])
+    for name in (n for n in SCRIPTS if n in chosen):
+        script, quick = SCRIPTS[name]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:], "--output", str(args.output),
+               *(quick if args.quick else [])]
+        log(f"running {' '.join(cmd[1:])}")
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    print("\n" + args.output.read_text(), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ for _handler in logging.root.handlers[len(_root_handlers):]:
 
 from fedlm.files import write_atomic
 from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
-from fedlm.training import TrainResult, proximal_gradient, sequence_losses
+from fedlm.training import TrainResult, autocast, proximal_gradient, sequence_losses
 
 try:
     import fcntl
@@ -362,12 +362,18 @@ def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.
                 chunks = rows.split(privacy.max_physical_batch_size)
                 step_loss = 0.0
                 for i, chunk in enumerate(chunks):
-                    per_seq = sequence_losses(model, train_ids[chunk], train_mask[chunk])
+                    with autocast(train.precision):
+                        per_seq = sequence_losses(model, train_ids[chunk], train_mask[chunk])
                     with warnings.catch_warnings():
                         # The first LoRA layer's input (frozen embeddings) needs no gradient, so torch notes
                         # its full backward hook sees only output gradients: all Opacus needs for a Linear.
                         warnings.filterwarnings("ignore", message="Full backward hook is firing")
                         per_seq.mean().backward()  # "mean" as the hooks assume: per-sample grads come unscaled
+                    if train.precision != "fp32":
+                        # Opacus derives per-sample gradients in the compute dtype; clip them in float32,
+                        # since a bf16 norm (~3 digits) could let a clipped gradient exceed the bound C.
+                        for p in params:
+                            p.grad_sample = p.grad_sample.float()
                     step_loss += float(per_seq.detach().sum())
                     tokens += int(train_mask[chunk].sum())
                     if i < len(chunks) - 1:

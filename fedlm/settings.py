@@ -184,6 +184,9 @@ class DatasetSettings:
         return "natural" if self.resolved_source() == "packages" else "iid"
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """One client's local training in a round."""
@@ -196,10 +199,15 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_eval_sequences: int = 64
     """Held-out sequences a client evaluates on (the same ones every round)."""
+    precision: str = "fp32"
+    """Training compute: `fp32`, or `bf16` (CPU autocast: matmuls in bfloat16; weights, adapter, optimizer,
+    loss and DP clipping and noise stay float32). Evaluation is always float32."""
 
     def __post_init__(self) -> None:
         for key in ("local_steps", "batch_size", "max_eval_sequences"):
             _check(getattr(self, key) > 0, f"train.{key} must be > 0 (got {getattr(self, key)})")
+        _check(self.precision in PRECISIONS,
+               f"train.precision={self.precision!r} is unknown; choose one of {list(PRECISIONS)}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate}); try 1e-2")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})")
 

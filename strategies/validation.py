@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.common import EvaluateRes, FitRes, Parameters, parameters_to_ndarrays
+from flwr.common import EvaluateRes, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -97,7 +97,10 @@ class ValidatedReplies(StrategyWrapper):
             if valid:
                 self.audit.metrics = fit_metrics([(res.num_examples, res.metrics) for _, res in valid])
             return None, {}
-        return self.inner.aggregate_fit(server_round, valid, failures)
+        aggregated, metrics = self.inner.aggregate_fit(server_round, valid, failures)
+        if aggregated is not None:  # FedAdam's float64 step size and SecAgg+'s sum would double every download
+            aggregated = ndarrays_to_parameters([a.astype(np.float32) for a in parameters_to_ndarrays(aggregated)])
+        return aggregated, metrics
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list):
         valid = []

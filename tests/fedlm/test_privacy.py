@@ -313,3 +313,57 @@ def test_clip_update_scales_the_whole_update_down_never_up():
     assert clipped[0].dtype == np.float32
     unchanged = clip_update(new, old, max_norm=10.0)
     np.testing.assert_allclose(unchanged[0], new[0])
+
+
+# -- bf16 compute (train.precision) ------------------------------------------------------------------------
+
+def test_dp_under_bf16_clips_each_sequence_in_float32_and_never_moves_the_base(model, data, monkeypatch):
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    reference = [flat_norm(g) for g in per_sequence_grads(model, *data)]  # float32
+    clip = min(reference) / 2  # every sequence is clipped
+    seen, dtypes = [], set()
+    original = DPOptimizer.clip_and_accumulate
+
+    def spy(self):
+        dtypes.update(g.dtype for g in self.grad_samples)
+        seen.extend(torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in self.grad_samples], 1).norm(dim=1))
+        original(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy)
+    lr, start = 0.5, trainable(model)
+    ids, mask = data
+    for row in range(len(ids)):  # one sequence per step: its clipped gradient is the whole update
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(start[n])
+        train_local_dp(model, ids[row:row + 1], mask[row:row + 1],
+                       TrainSettings(local_steps=1, batch_size=1, precision="bf16"),
+                       PrivacySettings(name="dp_sgd", max_grad_norm=clip), noise_multiplier=0.0, sample_rate=1.0,
+                       seed=0, make_optimizer=sgd(lr))
+        update = {n: p - start[n] for n, p in trainable(model).items()}
+        assert flat_norm(update) / lr == pytest.approx(clip, rel=1e-5)  # the bound C holds to float32 rounding
+        assert all(not torch.equal(p, start[n]) for n, p in trainable(model).items())
+    assert dtypes == {torch.float32}  # clipped in float32
+    # computed in bf16: the same per-sequence gradient norms as float32, to bf16's ~3 significant digits
+    torch.testing.assert_close(torch.stack(seen).double(), torch.tensor(reference, dtype=torch.float64), rtol=5e-2,
+                               atol=1e-6)
+    assert all(p.dtype == torch.float32 for p in trainable(model).values())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_bf16_training_follows_float32_closely(model, data):
+    """Same seed, same rows: bf16 autocast changes the trained adapter only by rounding."""
+    start = trainable(model)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(start[n])
+        train_local(model, *data, TrainSettings(local_steps=3, batch_size=6, learning_rate=1e-2,
+                                                precision=precision), seed=0)
+        results[precision] = {n: p - start[n] for n, p in trainable(model).items()}
+    moved = flat_norm(results["fp32"])
+    gap = flat_norm({n: results["bf16"][n] - results["fp32"][n] for n in start})
+    assert moved > 0 and gap < 0.1 * moved

@@ -1,0 +1,321 @@
+"""`python benchmarks/quality.py [--datasets packages,descriptions] [--epsilons 0,1,4,8] [--quick]`: does federating
+beat training alone, and what does privacy cost? Held-out perplexity of the base model, local-only, federated and
+centralised training, without DP and at several epsilons, on every client's own held-out data."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import secrets
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from common import ROOT, command_line, log, provenance, write_sections
+from fedlm.data import ClientData, client_data_path
+from fedlm.model import apply_lora, load_base_model
+from fedlm.privacy import calibrate_noise, epsilon_of, poisson_rate, resolve_delta, train_local_dp
+from fedlm.settings import RunSettings
+from fedlm.training import evaluate, perplexity, train_local
+from simulations.launch import make_offline_safe, prepare, simulate
+from simulations.run import compose_settings
+
+SECTION = "7"
+EPSILONS = (0.0, 1.0, 4.0, 8.0)  # 0: no DP
+ROWS = ("base", "local-only", "federated", "centralised")
+GAIN_KEPT_TARGET = 0.8  # the issue: DP at epsilon 8 keeps >= 80 % of the non-private federated gain over the base
+QUICK = ["federation.rounds=4"]  # --quick: a shorter federation (every row keeps the same budget as its federation)
+WORK = ROOT / "outputs" / "bench-quality"  # results are cached here, so an interrupted run resumes
+
+
+def descriptions_folder(root: Path, clients: int) -> Path:
+    """English prose found on this machine: every installed distribution's long description (its README), one
+    .txt document per distribution, in `clients` subfolders of alphabetically adjacent names (a natural split:
+    each client holds its own packages' documentation)."""
+    texts = {}
+    for dist in importlib.metadata.distributions():
+        name, body = dist.metadata["Name"], dist.metadata.get_payload() or dist.metadata["Description"] or ""
+        if name and name.lower() != "pollinate" and len(body) >= 2_000:  # skip stubs ("UNKNOWN", one line)
+            texts[name.lower()] = body
+    names = sorted(texts)
+    total, folder = sum(len(t) for t in texts.values()), root / "descriptions"
+    done = 0
+    for name in names:  # contiguous groups of about equal character counts
+        group = min(clients - 1, int(clients * done / total))
+        done += len(texts[name])
+        path = folder / f"group_{group:02d}" / f"{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text() != texts[name]:  # unchanged files keep their mtime: data is reused
+            path.write_text(texts[name])
+    return folder
+
+
+def dataset_overrides(name: str) -> list[str]:
+    if name == "packages":
+        return []  # the default federation: one installed package's source code per client
+    folder = descriptions_folder(WORK / "corpora", clients=8)
+    return [f"dataset.path={folder}", "dataset.partitioner=natural"]
+
+
+def privacy_overrides(epsilon: float) -> list[str]:
+    return ["privacy=disabled"] if epsilon == 0 else ["privacy=dp_sgd", f"privacy.target_epsilon={epsilon:g}"]
+
+
+def client_perplexities(model, clients: list[ClientData], limit: int) -> list[float]:
+    """Each client's held-out perplexity (its first `limit` held-out sequences, as the federation evaluates)."""
+    return [perplexity(evaluate(model, c.eval[:limit], c.eval_mask[:limit])[0]) for c in clients]
+
+
+def train_alone(model, ids: torch.Tensor, mask: torch.Tensor, settings: RunSettings, calls: int,
+                horizon_steps: int) -> float:
+    """`calls` calls of `train.local_steps` steps (a fresh AdamW each, as in every federated round) on one data
+    set; under DP, noise calibrated once for `horizon_steps` steps, exactly as a federated client does.
+    Returns the epsilon spent (0 without DP)."""
+    train, privacy, n = settings.train, settings.privacy, len(ids)
+    if not privacy.enabled:
+        for call in range(calls):
+            train_local(model, ids, mask, train, seed=settings.seed * 1_009 + call)
+        return 0.0
+    rate, delta = poisson_rate(train, n), resolve_delta(privacy, n)
+    noise = calibrate_noise(privacy, sample_rate=rate, steps=horizon_steps, delta=delta)
+    for _ in range(calls):
+        train_local_dp(model, ids, mask, train, privacy, noise_multiplier=noise, sample_rate=rate,
+                       seed=secrets.randbits(63))
+    return epsilon_of([(noise, rate, calls * train.local_steps)], delta, privacy.accountant)
+
+
+def run_cell(dataset: str, epsilon: float, extra: list[str], out: Path, rows: list[str], cell: dict) -> dict:
+    """`cell` completed with `rows` at one privacy level: per-client perplexities and the largest epsilon any
+    client spent."""
+    overrides = dataset_overrides(dataset) + privacy_overrides(epsilon) + extra
+    out = out / f"eps{epsilon:g}"
+    settings = compose_settings(overrides + ["secagg=disabled"], str(out / "federated"))
+    prepare(settings)
+    fed, train = settings.federation, settings.train
+    clients = [ClientData.load(client_data_path(out / "federated" / "data", i)) for i in range(fed.num_clients)]
+    base, _ = load_base_model(settings.model, settings.cache_dir)
+    model = apply_lora(base, settings.lora, settings.seed)
+    fresh = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    # A federated client's threads: the rows compare like with like, and two threads on a busy machine stall.
+    limit, torch_threads = train.max_eval_sequences, fed.cpus_per_client
+    torch.set_num_threads(torch_threads)
+
+    def reset() -> None:
+        model.load_state_dict(fresh, strict=False)
+
+    cell = {**cell, "base": {"ppl": client_perplexities(model, clients, limit), "epsilon": 0.0}}
+    if "local-only" in rows and "local-only" not in cell:
+        cell["local-only"] = local_only(model, reset, clients, settings, f"{dataset} eps={epsilon:g}")
+    if "centralised" in rows and "centralised" not in cell:
+        log(f"{dataset} eps={epsilon:g}: centralised, on the pooled rows")
+        reset()
+        pooled = [torch.cat([getattr(c, k) for c in clients]) for k in ("train", "train_mask")]
+        calls = fed.rounds * fed.clients_per_round  # the federation's total steps, the full budget over them
+        spent = train_alone(model, *pooled, settings, calls, calls * train.local_steps)
+        cell["centralised"] = {"ppl": client_perplexities(model, clients, limit), "epsilon": spent}
+    if "federated" in rows and "federated" not in cell:
+        log(f"{dataset} eps={epsilon:g}: federated (the real simulation, SecAgg+ off: it changes the sum by < 1e-6)")
+        shutil.rmtree(out / "federated" / "privacy", ignore_errors=True)  # a re-run must not inherit spent budgets
+        outcome = simulate(settings)
+        reset()
+        set_peft_model_state_dict(model, load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors"))
+        torch.set_num_threads(torch_threads)
+        cell["federated"] = {"ppl": client_perplexities(model, clients, limit),
+                             "epsilon": max((r.get("epsilon_max") or 0.0) for r in outcome.rows)}
+    return cell
+
+
+def local_only(model, reset, clients: list[ClientData], settings: RunSettings, label: str) -> dict:
+    """Each client alone, for the rounds it joins in expectation (rounds x K / N), with the same local steps
+    and calibrated noise: the same mechanism, and so the same epsilon, as inside the federation."""
+    fed, train = settings.federation, settings.train
+    joined = round(fed.rounds * fed.clients_per_round / fed.num_clients)
+    log(f"{label}: local-only, {fed.num_clients} clients x {joined} rounds x {train.local_steps} steps")
+    ppl, eps = [], []
+    for c in clients:
+        reset()
+        eps.append(train_alone(model, c.train, c.train_mask, settings, joined, fed.rounds * train.local_steps))
+        ppl += client_perplexities(model, [c], train.max_eval_sequences)
+    return {"ppl": ppl, "epsilon": max(eps)}
+
+
+def gain(results: dict, row: str, epsilon: float) -> float:
+    base = statistics.mean(results[f"{epsilon:g}"]["base"]["ppl"])
+    return base - statistics.mean(results[f"{epsilon:g}"][row]["ppl"])
+
+
+def plot(results: dict, dataset: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = sorted((e for e in EPSILONS if f"{e:g}" in results), key=lambda e: e or math.inf)  # no DP: the far end
+    xs = list(range(len(eps)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row, style in zip(ROWS, ("k--", "C1o-", "C0o-", "C2o-")):
+        ys = [statistics.mean(results[f"{e:g}"][row]["ppl"]) if row in results[f"{e:g}"] else math.nan for e in eps]
+        ax.plot(xs, ys, style, label=row)
+    ax.set_xticks(xs, ["no DP" if e == 0 else f"ε={e:g}" for e in eps])
+    ax.set_ylabel("held-out perplexity, mean client")
+    ax.set_title(f"Learning quality: {dataset}")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def noise_to_signal(out: Path) -> str:
+    """Why DP-SGD costs learning here: per step, the Gaussian noise added to a client's averaged clipped gradient
+    against the largest signal that average can carry (norm C), for every client of the epsilon-8 run."""
+    run = out / "eps8" / "federated"
+    used = RunSettings.from_json((run / "settings.json").read_text())
+    base, _ = load_base_model(used.model, used.cache_dir)
+    d = sum(p.numel() for p in apply_lora(base, used.lora, used.seed).parameters() if p.requires_grad)
+    horizon = used.federation.rounds * used.train.local_steps
+    sigmas = []
+    for client in json.loads((run / "data" / "summary.json").read_text()):
+        n = client["train_sequences"]
+        sigmas.append(calibrate_noise(used.privacy, sample_rate=poisson_rate(used.train, n), steps=horizon,
+                                      delta=resolve_delta(used.privacy, n)))
+    ratio = [s * math.sqrt(d) / used.train.batch_size for s in (min(sigmas), max(sigmas))]
+    return (f"Why: at ε=8 each client's noise multiplier is {min(sigmas):.2f}-{max(sigmas):.2f} (calibrated once "
+            f"for {horizon} steps at its sampling rate), so the noise added to each averaged step has norm "
+            f"σ·C·√d/B = {ratio[0]:.1f}-{ratio[1]:.1f} times C over the d = {d:,} adapter parameters, while the "
+            "averaged clipped gradient itself has norm at most C; averaging 4 clients' updates only halves that. "
+            "Most of each DP step is noise, so the adapter learns far less per step than without DP.")
+
+
+def personalisation_note(results: dict, lost: list[float], out: Path) -> str:
+    """Why local-only can win here: which clients gain more alone, and by how much."""
+    names = [c["sources"][0] for c in json.loads(next(out.glob("eps*/federated/data/summary.json")).read_text())]
+    parts = []
+    for e in lost:
+        cell = results[f"{e:g}"]
+        local, fed, base = cell["local-only"]["ppl"], cell["federated"]["ppl"], cell["base"]["ppl"]
+        better = [i for i in range(len(local)) if local[i] < fed[i]]
+        i = max(range(len(local)), key=lambda j: fed[j] - local[j])
+        parts.append(f"{'no DP' if e == 0 else f'ε={e:g}'}: local-only is better for {len(better)} of {len(local)} "
+                     f"clients, most for {names[i]} ({base[i]:.0f} base -> {local[i]:.0f} alone vs {fed[i]:.0f} "
+                     "federated)")
+    return ("Why: each client is scored on its own held-out text, and the clients' data differ (one code base or "
+            "one group of packages each). Local-only trains one adapter per client on exactly that distribution; "
+            "federated (and centralised) training fits one shared adapter to all of them, and a client far from "
+            "the others (high base perplexity) gains little from the average. " + "; ".join(parts) + ".")
+
+
+def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -> list[str]:
+    eps = [e for e in EPSILONS if f"{e:g}" in results]
+    cols = ["no DP" if e == 0 else f"ε = {e:g}" for e in eps]
+    lines = [f"### {dataset}{f' ({label})' if label else ''}", "",
+             "| row | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for row in ROWS:
+        cells = []
+        for e in eps:
+            ppl = results[f"{e:g}"].get(row, {}).get("ppl")
+            cells.append(f"{statistics.mean(ppl):.1f} / {max(ppl):.1f}" if ppl else "not run")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    spent = "; ".join(f"ε={e:g}: " + ", ".join(f"{row} {results[f'{e:g}'][row]['epsilon']:.2f}" for row in ROWS[1:]
+                                               if row in results[f"{e:g}"]) for e in eps if e)
+    absent = [f"{'no DP' if e == 0 else f'ε={e:g}'}" for e in EPSILONS if f"{e:g}" not in results]
+    if absent:
+        lines += ["", f"Not measured yet: {', '.join(absent)} (`--epsilons` adds them; measured cells are kept)."]
+    lines += ["", "Cells: mean / worst client held-out perplexity." + (f" Largest epsilon actually spent: {spent}."
+                                                                     if spent else ""), ""]
+    wins = [f"{'no DP' if e == 0 else f'ε={e:g}'}: {'yes' if gain(results, 'federated', e) > gain(results, 'local-only', e) else '**no**'}"
+            for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])]
+    if wins:
+        lines.append(f"- Federated beats local-only for the mean client: {', '.join(wins)}.")
+    lost = [e for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])
+            and gain(results, "federated", e) <= gain(results, "local-only", e)]
+    if lost:
+        lines.append(f"  {personalisation_note(results, lost, out)}")
+    worse = [e for e in eps if "centralised" in results[f"{e:g}"] and gain(results, "centralised", e) < 0]
+    if worse:
+        lines.append(f"- Centralised ends worse than the base at {', '.join(f'ε={e:g}' for e in worse)}: not a "
+                     "ceiling there. Likely cause (not isolated): it takes all the federation's steps on one adapter, "
+                     "and under DP each AdamW step moves every coordinate by about the learning rate in a mostly "
+                     "random direction, so the noise accumulates over its many steps; federated clients take "
+                     "fewer steps each and their noise is averaged.")
+    if all("federated" in results.get(k, {}) for k in ("0", "8")):
+        kept = gain(results, "federated", 8.0) / gain(results, "federated", 0.0)
+        verdict = "met" if kept >= GAIN_KEPT_TARGET else "**not met**"
+        lines.append(f"- DP at ε=8 keeps {100 * kept:.0f} % of the non-private federated gain over the base "
+                     f"(target {100 * GAIN_KEPT_TARGET:.0f} %): {verdict}.")
+        if kept < GAIN_KEPT_TARGET:
+            lines.append(f"  {noise_to_signal(out)}")
+    lines += ["", f"![perplexity vs epsilon, {dataset}]({plot_path.relative_to(ROOT).as_posix()})", ""]
+    return lines
+
+
+def trained_with(out: Path) -> str:
+    """The settings the cached results were trained with, read from a federated run's own settings.json."""
+    used = json.loads(next(out.glob("eps*/federated/settings.json")).read_text())
+    fed, t = used["federation"], used["train"]
+    return (f"Trained with: {fed['num_clients']} clients, {fed['clients_per_round']} per round, {fed['rounds']} "
+            f"rounds of {t['local_steps']} local steps, batch {t['batch_size']}, lr {t['learning_rate']:g}, "
+            f"precision {t.get('precision', 'fp32')}, max_grad_norm {used['privacy']['max_grad_norm']:g}.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--datasets", default="packages,descriptions", help="comma-separated: packages, descriptions")
+    parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS), help="0 means no DP")
+    parser.add_argument("--quick", action="store_true", help=f"{' '.join(QUICK)} for every row")
+    parser.add_argument("--rows", default=",".join(ROWS[1:]), help="rows to train (the base is always evaluated)")
+    parser.add_argument("--set", default="", help="extra Hydra overrides for every row, e.g. 'train.batch_size=64'")
+    parser.add_argument("--cached", action="store_true", help="only tabulate what earlier runs measured")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    extra = (QUICK if args.quick else []) + args.set.split()
+    label = " ".join(extra)
+    make_offline_safe()
+    load, command = os.getloadavg()[0], command_line()
+    body = []
+    for dataset in args.datasets.split(","):
+        out = WORK / (dataset + "".join("-" + o.replace("=", "") for o in extra))
+        cache = out / "results.json"
+        results = json.loads(cache.read_text()) if cache.exists() else {}
+        for epsilon in (float(e) for e in args.epsilons.split(",")):
+            key, rows = f"{epsilon:g}", args.rows.split(",")
+            missing = any(row not in results.get(key, {}) for row in rows)  # finished rows are reused
+            if missing and not args.cached:
+                cell = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                # Re-read first: another process may have added other epsilons (each writes only its own).
+                results = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: cell}
+                cache.write_text(json.dumps(results, indent=1))
+        if not results:
+            body += [f"### {dataset}", "", "Not measured yet.", ""]
+            continue
+        plot_path = ROOT / "benchmarks" / "plots" / f"quality-{out.name}.png"
+        plot(results, dataset, plot_path)
+        body += table(results, dataset, label, plot_path, out) + [trained_with(out), ""]
+    number, title = (SECTION, "") if not args.set else (f"{SECTION}.1", f" (other training settings: {args.set})")
+    section = "\n".join([
+        f"## {number}. Learning quality{title}: does federating beat training alone, and what does privacy cost?", "",
+        provenance(command, load), "",
+        "Every row is evaluated on every client's own held-out split (its first `train.max_eval_sequences` "
+        "sequences), with the training settings listed under each table. **base**: the embedded base model, no "
+        "adapter training. "
+        "**local-only**: each client trains alone (in-process, `train_local` / `train_local_dp`) for the rounds it "
+        "joins in expectation (rounds x clients per round / clients), with the same local steps, noise "
+        "multiplier and sampling rate as inside the federation, so the same epsilon. **federated**: the real "
+        "simulation (`simulations.launch.simulate`, SecAgg+ off since it changes the aggregate by < 1e-6), its "
+        "final global adapter evaluated per client. **centralised**: all clients' training rows pooled, the "
+        "federation's total number of steps, DP-SGD calibrated to the same epsilon over them (meant as the ceiling: "
+        "pooling many more sequences makes each sampled step far cheaper in privacy).", "", *body])
+    write_sections(args.output, [section])
+    print(section, flush=True)
+
+
+if __name__ == "__main__":
+    main()
