@@ -24,7 +24,7 @@ from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.privacy import calibrate_noise, epsilon_of, poisson_rate, resolve_delta, train_local_dp
 from fedlm.settings import RunSettings
-from fedlm.training import evaluate, perplexity, train_local
+from fedlm.training import evaluate, perplexity, resolve_precision, train_local
 from simulations.launch import make_offline_safe, prepare, simulate
 from simulations.run import compose_settings
 
@@ -262,7 +262,68 @@ def trained_with(out: Path) -> str:
     fed, t = used["federation"], used["train"]
     return (f"Trained with: {fed['num_clients']} clients, {fed['clients_per_round']} per round, {fed['rounds']} "
             f"rounds of {t['local_steps']} local steps, batch {t['batch_size']}, lr {t['learning_rate']:g}, "
-            f"precision {t.get('precision', 'fp32')}, max_grad_norm {used['privacy']['max_grad_norm']:g}.")
+            f"precision {t['precision']} ({resolve_precision(t['precision'])} here), max_grad_norm "
+            f"{used['privacy']['max_grad_norm']:g}.")
+
+
+def measure(dataset: str, extra: list[str], epsilons: list[float], rows: list[str], cached: bool) -> tuple[dict, Path]:
+    """The cached results of `dataset` trained with `extra`, completed with any missing `rows` at `epsilons`
+    (unless `cached`), and their folder."""
+    out = WORK / (dataset + "".join("-" + o.replace("=", "") for o in extra))
+    cache = out / "results.json"
+    results = json.loads(cache.read_text()) if cache.exists() else {}
+    for epsilon in epsilons:
+        key = f"{epsilon:g}"
+        missing = any(row not in results.get(key, {}) for row in rows)  # finished rows are reused
+        if missing and not cached:
+            cell = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            # Re-read first: another process may have added other epsilons (each writes only its own).
+            results = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: cell}
+            cache.write_text(json.dumps(results, indent=1))
+    return results, out
+
+
+# Section 7.1: settings that might keep more of the federated gain under DP-SGD, each measured against itself
+# without DP (the flag: False when the setting cannot change a run without DP, whose defaults cell is reused).
+LEVERS = (
+    ("privacy.max_grad_norm=0.1", "clip every sequence's gradient: C = 1 clips few of them (per-sequence norms "
+     "are 0.16-1.9 at the start), so the noise, scaled to C, is larger than the signal needs", False),
+    ("train.batch_size=128 train.local_steps=3", "4x the expected batch over about the same sequences per round: "
+     "the noise on a step's mean falls as σ/B, σ rising more slowly", True),
+    ("lora.r=2 lora.alpha=4", "a quarter of the adapter's parameters: the noise's norm grows as √d, the "
+     "clipped signal's does not", True),
+    ("strategy=frozen_a", "FFA-LoRA: A frozen, only B trained and averaged (half the parameters, and no "
+     "noisy A for B to chase)", True),
+    ("train.learning_rate=0.003", "a third of the step: each DP step is mostly noise", True),
+)
+
+
+def levers_section(dataset: str, quick: bool, cached: bool) -> list[str]:
+    """Section 7.1's table: the federated row at no DP and at epsilon 8 for the defaults and every lever."""
+    base_extra = QUICK if quick else []
+    defaults, _ = measure(dataset, base_extra, [0.0, 8.0], ["federated"], cached)
+    if "0" not in defaults:
+        return [f"### {dataset}", "", "Not measured yet.", ""]
+    lines = [f"### {dataset} ({' '.join(base_extra) or 'default rounds'})", "",
+             "| setting | what it changes | no DP | ε = 8 | ε=8 keeps of the no-DP gain |",
+             "|---|---|---:|---:|---:|"]
+    for label, why, changes_plain in (("defaults", "the settings of section 7", False), *LEVERS):
+        extra = base_extra + (label.split() if label != "defaults" else [])
+        results, _ = measure(dataset, extra, [0.0, 8.0] if changes_plain else [8.0], ["federated"], cached)
+        plain = (results if changes_plain else defaults).get("0", {}).get("federated")
+        private = (results if label != "defaults" else defaults).get("8", {}).get("federated")
+        if not (plain and private):
+            lines.append(f"| `{label}` | {why} | not measured yet | | |")
+            continue
+        base = statistics.mean(defaults["0"]["base"]["ppl"])
+        kept = (base - statistics.mean(private["ppl"])) / (base - statistics.mean(plain["ppl"]))
+        lines.append(f"| `{label}` | {why} | {statistics.mean(plain['ppl']):.1f} / {max(plain['ppl']):.1f} | "
+                     f"{statistics.mean(private['ppl']):.1f} / {max(private['ppl']):.1f} | {100 * kept:.0f} % |")
+    return lines + ["", f"Cells: mean / worst client held-out perplexity of the federated row (base: "
+                        f"{statistics.mean(defaults['0']['base']['ppl']):.1f} / {max(defaults['0']['base']['ppl']):.1f}"
+                        "). Each setting is the section's defaults with only that override, in a real simulation "
+                        "of its own.", ""]
 
 
 def main() -> None:
@@ -271,35 +332,36 @@ def main() -> None:
     parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS), help="0 means no DP")
     parser.add_argument("--quick", action="store_true", help=f"{' '.join(QUICK)} for every row")
     parser.add_argument("--rows", default=",".join(ROWS[1:]), help="rows to train (the base is always evaluated)")
-    parser.add_argument("--set", default="", help="extra Hydra overrides for every row, e.g. 'train.batch_size=64'")
+    parser.add_argument("--set", default="", help="extra Hydra overrides for every row, e.g. 'train.batch_size=64' "
+                        "(section 7.2)")
+    parser.add_argument("--levers", action="store_true", help="section 7.1 only: the federated row under each "
+                        "setting of LEVERS, without DP and at epsilon 8, on the first of --datasets")
     parser.add_argument("--cached", action="store_true", help="only tabulate what earlier runs measured")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
-    extra = (QUICK if args.quick else []) + args.set.split()
-    label = " ".join(extra)
     make_offline_safe()
     load, command = os.getloadavg()[0], command_line()
+    if args.levers:
+        body = levers_section(args.datasets.split(",")[0], args.quick, args.cached)
+        section = "\n".join([
+            f"## {SECTION}.1. Learning quality: what else might keep the gain under DP-SGD?", "",
+            provenance(command, load), "", *body])
+        write_sections(args.output, [section])
+        print(section, flush=True)
+        return
+    extra = (QUICK if args.quick else []) + args.set.split()
+    label = " ".join(extra)
     body = []
     for dataset in args.datasets.split(","):
-        out = WORK / (dataset + "".join("-" + o.replace("=", "") for o in extra))
-        cache = out / "results.json"
-        results = json.loads(cache.read_text()) if cache.exists() else {}
-        for epsilon in (float(e) for e in args.epsilons.split(",")):
-            key, rows = f"{epsilon:g}", args.rows.split(",")
-            missing = any(row not in results.get(key, {}) for row in rows)  # finished rows are reused
-            if missing and not args.cached:
-                cell = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                # Re-read first: another process may have added other epsilons (each writes only its own).
-                results = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: cell}
-                cache.write_text(json.dumps(results, indent=1))
+        results, out = measure(dataset, extra, [float(e) for e in args.epsilons.split(",")], args.rows.split(","),
+                               args.cached)
         if not results:
             body += [f"### {dataset}", "", "Not measured yet.", ""]
             continue
         plot_path = ROOT / "benchmarks" / "plots" / f"quality-{out.name}.png"
         plot(results, dataset, plot_path)
         body += table(results, dataset, label, plot_path, out) + [trained_with(out), ""]
-    number, title = (SECTION, "") if not args.set else (f"{SECTION}.1", f" (other training settings: {args.set})")
+    number, title = (SECTION, "") if not args.set else (f"{SECTION}.2", f" (other training settings: {args.set})")
     section = "\n".join([
         f"## {number}. Learning quality{title}: does federating beat training alone, and what does privacy cost?", "",
         provenance(command, load), "",

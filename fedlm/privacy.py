@@ -28,7 +28,7 @@ for _handler in logging.root.handlers[len(_root_handlers):]:
 
 from fedlm.files import write_atomic
 from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
-from fedlm.training import TrainResult, autocast, proximal_gradient, sequence_losses
+from fedlm.training import TrainResult, autocast, proximal_gradient, resolve_precision, sequence_losses
 
 try:
     import fcntl
@@ -369,7 +369,7 @@ def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.
                         # its full backward hook sees only output gradients: all Opacus needs for a Linear.
                         warnings.filterwarnings("ignore", message="Full backward hook is firing")
                         per_seq.mean().backward()  # "mean" as the hooks assume: per-sample grads come unscaled
-                    if train.precision != "fp32":
+                    if resolve_precision(train.precision) != "fp32":
                         # Opacus derives per-sample gradients in the compute dtype; clip them in float32,
                         # since a bf16 norm (~3 digits) could let a clipped gradient exceed the bound C.
                         for p in params:

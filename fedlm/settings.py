@@ -184,7 +184,7 @@ class DatasetSettings:
         return "natural" if self.resolved_source() == "packages" else "iid"
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -199,9 +199,10 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_eval_sequences: int = 64
     """Held-out sequences a client evaluates on (the same ones every round)."""
-    precision: str = "fp32"
-    """Training compute: `fp32`, or `bf16` (CPU autocast: matmuls in bfloat16; weights, adapter, optimizer,
-    loss and DP clipping and noise stay float32). Evaluation is always float32."""
+    precision: str = "auto"
+    """Training compute: `fp32`, `bf16` (CPU autocast: matmuls in bfloat16; weights, adapter, optimizer,
+    loss and DP clipping and noise stay float32), or `auto`: bf16 where the CPU computes it natively, else
+    fp32 (each device decides for itself). Evaluation is always float32."""
 
     def __post_init__(self) -> None:
         for key in ("local_steps", "batch_size", "max_eval_sequences"):

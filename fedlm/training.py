@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -39,10 +40,30 @@ def sequence_losses(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tenso
     return (nll * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 AVX-512 BF16 or AMX, Arm BF16). Without it, torch
+    emulates bf16 matmuls and they run slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: assume nothing
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str) -> str:
+    """`train.precision` as this machine runs it: `auto` is bf16 where native (measured 0.74-0.84x the float32
+    step time on the embedded base, BENCHMARKS.md section 10), else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision
+
+
 def autocast(precision: str) -> torch.autocast:
-    """The training forward pass's compute precision (`train.precision`): bf16 runs matmuls in bfloat16 on
-    CPUs with native bf16 (AVX-512 BF16, AMX); parameters, gradients and the loss stay float32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The training forward pass's compute precision (`train.precision`): bf16 runs matmuls in bfloat16;
+    parameters, gradients and the loss stay float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision(precision) == "bf16")
 
 
 @dataclass

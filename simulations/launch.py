@@ -22,6 +22,8 @@ OFFLINE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' threads would fight the clients' torch threads
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # no GPUs here; silences Ray's warning about it
+    # Ray starts workers at nice 15: on a busy machine the simulated clients, which do all the work, starve.
+    "RAY_worker_niceness": "0",
 }
 
 

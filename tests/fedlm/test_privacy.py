@@ -54,9 +54,10 @@ def sgd(lr):
 
 
 def one_step(model, data, noise, clip=1.0, lr=0.5):
-    """One logical step over all 6 rows (rate 1) in physical chunks of 4 + 2; returns the update."""
+    """One logical step over all 6 rows (rate 1) in physical chunks of 4 + 2, in float32 (the exact maths these
+    tests check; bf16 has its own tests below); returns the update."""
     before = trainable(model)
-    train_local_dp(model, *data, TrainSettings(local_steps=1, batch_size=6),
+    train_local_dp(model, *data, TrainSettings(local_steps=1, batch_size=6, precision="fp32"),
                    PrivacySettings(name="dp_sgd", max_grad_norm=clip, max_physical_batch_size=4),
                    noise_multiplier=noise, sample_rate=1.0, seed=0, make_optimizer=sgd(lr))
     after = trainable(model)

@@ -36,7 +36,7 @@ def test_wrong_types_name_the_key_and_the_value(data, message):
     (lambda: DatasetSettings(partitioner="random"), r"dataset\.partitioner='random' is unknown; choose one of"),
     (lambda: DatasetSettings(source="jsonl"), r"dataset\.source=jsonl needs dataset\.path"),
     (lambda: DatasetSettings(eval_fraction=1.0), r"dataset\.eval_fraction must be in \(0, 1\)"),
-    (lambda: TrainSettings(precision="fp16"), r"train\.precision='fp16' is unknown; choose one of \['fp32', 'bf16'\]"),
+    (lambda: TrainSettings(precision="fp16"), r"train\.precision='fp16' is unknown; choose one of \['auto', 'fp32', 'bf16'\]"),
 ])
 def test_bad_values_are_refused_when_built(build, message):
     with pytest.raises(ConfigError, match=message):

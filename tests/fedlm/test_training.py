@@ -88,3 +88,15 @@ def test_training_is_reproducible_for_a_seed(tiny_llama_dir):
         ids = torch.randint(2, 200, (12, 16), generator=torch.Generator().manual_seed(1))
         results.append(train_local(m, ids, torch.ones_like(ids), TrainSettings(local_steps=3, batch_size=4), seed=7).loss)
     assert results[0] == results[1]
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from fedlm import training
+
+    monkeypatch.setattr(training, "native_bf16", lambda: True)
+    assert training.resolve_precision("auto") == "bf16" and training.autocast("auto").fast_dtype == torch.bfloat16
+    assert training.autocast("auto")._enabled
+    monkeypatch.setattr(training, "native_bf16", lambda: False)
+    assert training.resolve_precision("auto") == "fp32" and not training.autocast("auto")._enabled
+    assert training.resolve_precision("bf16") == "bf16"  # an explicit choice is kept, native or not
+    assert training.resolve_precision("fp32") == "fp32"
