@@ -172,6 +172,7 @@ def federation(work: Path, quick: bool, facts: dict) -> list[str]:
 SCRIPTS = {  # sections other scripts own: each runs as its own process and replaces only its section
     "strategies": (["compare_strategies.py"], ["--rounds", "2"]),
     "quality": (["quality.py"], ["--quick"]),
+    "levers": (["quality.py", "--levers"], ["--quick"]),
     "memory": (["memory.py"], ["--quick"]),
     "bytes": (["compare_strategies.py", "--bytes"], []),
     "precision": (["precision.py"], ["--quick"]),
