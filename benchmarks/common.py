@@ -9,6 +9,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from fedlm.training import native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,7 @@ def machine() -> str:
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else "MemTotal: 0 kB"
     ram_gb = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemTotal"))) / 2**20
     avx512 = "yes" if " avx512f" in cpuinfo else "no"
-    bf16 = "yes" if " avx512_bf16" in cpuinfo or " amx_bf16" in cpuinfo else "no"
+    bf16 = "yes" if native_bf16() else "no"
     return f"{cpu}, {os.cpu_count()} cores, {ram_gb:.0f} GiB RAM, AVX-512: {avx512}, native bf16: {bf16}, no GPU used"
 
 

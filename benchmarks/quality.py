@@ -215,7 +215,7 @@ def noise_to_signal(out: Path) -> str:
     used = RunSettings.from_json((run / "settings.json").read_text())
     base, _ = load_base_model(used.model, used.cache_dir)
     d = sum(p.numel() for p in apply_lora(base, used.lora, used.seed).parameters() if p.requires_grad)
-    horizon = used.federation.rounds * used.train.local_steps
+    horizon, k = used.federation.rounds * used.train.local_steps, used.federation.clients_per_round
     sigmas = []
     for client in json.loads((run / "data" / "summary.json").read_text()):
         n = client["train_sequences"]
@@ -224,10 +224,11 @@ def noise_to_signal(out: Path) -> str:
     ratio = [s * math.sqrt(d) / used.train.batch_size for s in (min(sigmas), max(sigmas))]
     return (f"Why DP costs this much learning here: at ε=8 each client's noise multiplier is "
             f"{min(sigmas):.2f}-{max(sigmas):.2f} (calibrated once for {horizon} steps at its sampling rate), so "
-            f"the noise added to each averaged step has norm σ·C·√d/B = {ratio[0]:.1f}-{ratio[1]:.1f} times C over "
-            f"the d = {d:,} adapter parameters, while the averaged clipped gradient itself has norm at most C; "
-            "averaging 4 clients' updates only halves that. Most of each DP step is noise, so the adapter learns "
-            "far less per step than without DP. Section 7.1 measures the settings that might change that.")
+            f"the noise added to each averaged step has norm σ·C·√d/B = {ratio[0]:.1f}-{ratio[1]:.1f} times C "
+            f"over the d = {d:,} adapter parameters, while the averaged clipped gradient itself has norm at most "
+            f"C; averaging {k} clients' updates only divides it by √{k}. Most of each DP step is noise, so the "
+            "adapter learns far less per step than without DP. Section 7.1 measures the settings that might "
+            "change that.")
 
 
 def personalisation_note(results: dict, lost: list[float], out: Path) -> str:
@@ -321,10 +322,10 @@ def measure(dataset: str, extra: list[str], epsilons: list[float], rows: list[st
         key = f"{epsilon:g}"
         missing = any(row not in results.get(key, {}) for row in rows)  # finished rows are reused
         if missing and not cached:
-            cell = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
+            measured = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
             cache.parent.mkdir(parents=True, exist_ok=True)
             # Re-read first: another process may have added other epsilons (each writes only its own).
-            results = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: cell}
+            results = {**(json.loads(cache.read_text()) if cache.exists() else {}), key: measured}
             cache.write_text(json.dumps(results, indent=1))
     return results, out
 
@@ -332,8 +333,8 @@ def measure(dataset: str, extra: list[str], epsilons: list[float], rows: list[st
 # Section 7.1: settings that might keep more of the federated gain under DP-SGD, each measured against itself
 # without DP (the flag: False when the setting cannot change a run without DP, whose defaults cell is reused).
 LEVERS = (
-    ("privacy.max_grad_norm=0.1", "clip every sequence's gradient: C = 1 clips few of them (per-sequence norms "
-     "are 0.16-1.9 at the start), so the noise, scaled to C, is larger than the signal needs", False),
+    ("privacy.max_grad_norm=0.1", "clip every sequence's gradient: at C = 1 most per-sequence gradients are "
+     "below C at the start, so the noise, scaled to C, is larger than the signal needs", False),
     ("train.batch_size=128 train.local_steps=3", "4x the expected batch over about the same sequences per round: "
      "the noise on a step's mean falls as σ/B, σ rising more slowly", True),
     ("lora.r=2 lora.alpha=4", "a quarter of the adapter's parameters: the noise's norm grows as √d, the "
@@ -344,9 +345,11 @@ LEVERS = (
 def levers_section(dataset: str, quick: bool, cached: bool) -> list[str]:
     """Section 7.1's table: the federated row at no DP and at epsilon 8 for the defaults and every lever."""
     base_extra = QUICK if quick else []
-    defaults, _ = measure(dataset, base_extra, [0.0, 8.0], ["federated"], cached)
+    defaults, out = measure(dataset, base_extra, [0.0, 8.0], ["federated"], cached)
     if "0" not in defaults:
         return [f"### {dataset}", "", "Not measured yet.", ""]
+    summary = json.loads((out / "eps0" / "federated" / "data" / "summary.json").read_text())
+    sizes = [c["train_sequences"] for c in summary]
     lines = [f"### {dataset} ({' '.join(base_extra) or 'default rounds'})", "",
              "| setting | what it changes | no DP | ε = 8 | ε=8 keeps of the no-DP gain (geometric mean) |",
              "|---|---|---:|---:|---:|"]
@@ -372,7 +375,8 @@ def levers_section(dataset: str, quick: bool, cached: bool) -> list[str]:
     return lines + ["", f"Cells: mean / worst client (geometric mean) held-out perplexity of the federated row; the "
                         f"base model: {cell(defaults['0']['base']['ppl'])}. Each setting is section 7's defaults "
                         "with only that override, in a real simulation of its own.", "",
-                    f"{verdict}; the 80 % target stays out of reach. With 350-1,100 training sequences per client, "
+                    f"{verdict}; the 80 % target stays out of reach. With {min(sizes):,}-{max(sizes):,} training "
+                    "sequences per client, "
                     "the noise that ε=8 requires over a client's horizon outweighs one step's signal whichever way "
                     "the step is shaped. The lever these settings cannot pull is more data per client: it lets the "
                     "batch grow at the same sampling rate, so the same σ, and the noise on a step's mean falls as "

@@ -53,8 +53,8 @@ def native_bf16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """`train.precision` as this machine runs it: `auto` is bf16 where native (0.62-0.84x the float32 step
-    time, with and without DP, on two such CPUs: BENCHMARKS.md section 10), else fp32."""
+    """`train.precision` as this machine runs it: `auto` is bf16 where native (faster than float32 there, with
+    and without DP: BENCHMARKS.md section 10), else fp32."""
     if precision == "auto":
         return "bf16" if native_bf16() else "fp32"
     return precision
