@@ -7,27 +7,15 @@ evaluate, so SecAgg+'s setup, share-keys and unmask stages cost a Flower import,
 
 from __future__ import annotations
 
-from typing import Any
-
-from flwr.app import Context, Message, MessageType
+from flwr.app import Context, Error, Message, MessageType
 from flwr.client import Client, ClientApp
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, GetPropertiesRes, MessageTypeLegacy, Status
 from flwr.compat.common import recorddict_compat as compat
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from fedlm.protocol import DECLINED, BudgetExceeded
 from fedlm.settings import RunSettings, settings_from_run_config
-
-_HEAVY = ("LoraClient", "worker_model", "simulation_data")
-
-
-def __getattr__(name: str) -> Any:
-    """`from client.app import LoraClient` still works, importing the heavy module only when asked."""
-    if name in _HEAVY:
-        from client import lora_client
-        return getattr(lora_client, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 def client_identity(context: Context) -> str:
     """Who this client is across runs and restarts: its partition in simulation, else its node."""
@@ -40,6 +28,15 @@ def identify(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     res = GetPropertiesRes(status=Status(Code.OK, ""), properties={"client-id": client_identity(context)})
     return Message(compat.getpropertiesres_to_recorddict(res), reply_to=msg)
+
+
+def declines_as_refusals(msg: Message, context: Context, call_next) -> Message:
+    """A client that will not train answers with the DECLINED error code, which the server counts as a
+    non-participant (not a failure) without reading the message text."""
+    try:
+        return call_next(msg, context)
+    except BudgetExceeded as refusal:
+        return Message(error=Error(code=DECLINED, reason=str(refusal)), reply_to=msg)
 
 
 def secagg_when_requested(msg: Message, context: Context, call_next) -> Message:
@@ -67,7 +64,7 @@ def build_client_app(settings: RunSettings | None = None, extra_mods: tuple = ()
         partition_id = int(context.node_config.get("partition-id", context.node_id % 2**31))
         return LoraClient(run_settings, partition_id, dict(context.node_config), context.run_id).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[identify, *extra_mods, secagg_when_requested])
+    return ClientApp(client_fn=client_fn, mods=[identify, declines_as_refusals, *extra_mods, secagg_when_requested])
 
 
 app = build_client_app()

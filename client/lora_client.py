@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
 from fedlm.data import ClientData, client_data_path, prepare_device_data
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import (DECLINES, BudgetExceeded, PrivacyLedger, calibrate_noise, clip_update, poisson_rate,
-                           resolve_delta, train_local_dp)
+from fedlm.privacy import PrivacyLedger, calibrate_noise, clip_update, poisson_rate, resolve_delta, train_local_dp
+from fedlm.protocol import DECLINES, FROZEN_A, PROXIMAL_MU, ROUND, BudgetExceeded
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings
 from fedlm.training import TrainResult, evaluate, perplexity, train_local
 
@@ -50,19 +50,23 @@ class LoraClient(NumPyClient):
         self.run_id = run_id
         torch.set_num_threads(settings.federation.cpus_per_client)
         self.rank = settings.lora.client_rank(partition_id, node_config.get("lora-rank"))
-        if settings.strategy.frozen_a and self.rank < settings.lora.r:  # see RunSettings.__post_init__
-            raise ConfigError(f"client {partition_id}: lora-rank={self.rank} below lora.r={settings.lora.r} cannot "
-                              "rebuild strategy=frozen_a's global A; use this device's full rank")
+
+    def load(self, config: dict) -> None:
+        """The model and data for one instruction; the strategy's instructions say whether A stays frozen."""
+        settings, frozen_a = self.settings, bool(config.get(FROZEN_A, False))
+        if frozen_a and self.rank < settings.lora.r:  # strategies/fedavg.py refuses this for client_ranks
+            raise ConfigError(f"client {self.partition_id}: lora-rank={self.rank} below lora.r={settings.lora.r} "
+                              "cannot rebuild strategy=frozen_a's global A; use this device's full rank")
         # At full rank no rank argument: lru_cache keys on the call's exact arguments, so this shares the entry
         # of callers that never pass one.
         lower = (self.rank,) if self.rank < settings.lora.r else ()
         self.model, tokenizer = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir,
-                                             settings.strategy.frozen_a, *lower)
-        data_path = node_config.get("data-path")
+                                             frozen_a, *lower)
+        data_path = self.node_config.get("data-path")
         if data_path:  # a device: its own private text, tokenized once and cached in its state directory
             self.data = prepare_device_data(str(data_path), settings, tokenizer, self.state_dir / "data")
         else:
-            self.data = simulation_data(settings.output_dir, partition_id)
+            self.data = simulation_data(settings.output_dir, self.partition_id)
 
     @property
     def state_dir(self) -> Path:
@@ -78,23 +82,25 @@ class LoraClient(NumPyClient):
         return PrivacyLedger(Path(self.settings.output_dir) / "privacy" / f"client_{self.partition_id}.json")
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
+        self.load(config)
         return adapter_to_arrays(self.model)
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        self.load(config)
         arrays_to_adapter(self.model, parameters)
-        server_round = int(config.get("round", 0))
+        server_round, prox_mu = int(config.get(ROUND, 0)), float(config.get(PROXIMAL_MU, 0.0))
         if self.settings.privacy.enabled:
-            result, metrics = self.train_private(server_round)
+            result, metrics = self.train_private(server_round, prox_mu)
         else:
             self.check_privacy_floor(None)
             # A distinct, reproducible stream per (run seed, round, client).
             seed = self.settings.seed * 1_000_003 + server_round * 1_009 + self.partition_id
             result = train_local(self.model, self.data.train, self.data.train_mask, self.settings.train, seed,
-                                 prox_mu=self.settings.strategy.mu)
+                                 prox_mu=prox_mu)
             metrics = {}
         # "round" lets the server drop a reply that answers an earlier round's instructions.
         metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
-                    "train_tokens": result.tokens, "client": self.partition_id, "round": server_round}
+                    "train_tokens": result.tokens, "client": self.partition_id, ROUND: server_round}
         arrays = adapter_to_arrays(self.model)
         # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
         weight = min(len(self.data.train), self.settings.federation.max_client_weight)
@@ -108,7 +114,7 @@ class LoraClient(NumPyClient):
             arrays = [a.astype(np.float64) for a in arrays]
         return arrays, weight, metrics
 
-    def train_private(self, server_round: int) -> tuple[TrainResult, dict]:
+    def train_private(self, server_round: int, prox_mu: float = 0.0) -> tuple[TrainResult, dict]:
         """DP-SGD within the client's lifetime budget; the spend is on disk before the update leaves.
 
         Raises:
@@ -137,7 +143,7 @@ class LoraClient(NumPyClient):
         # from the run's public seed.
         result = train_local_dp(self.model, self.data.train, self.data.train_mask, train, privacy,
                                 noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate,
-                                seed=secrets.randbits(63), prox_mu=self.settings.strategy.mu)
+                                seed=secrets.randbits(63), prox_mu=prox_mu)
         epsilon = ledger.record(key, train.local_steps)
         return result, {"epsilon": epsilon, "delta": ledger.delta, "noise_multiplier": ledger.noise_multiplier}
 
@@ -171,6 +177,7 @@ class LoraClient(NumPyClient):
                              f"secagg.clipping_range to at least {2 * largest:.3g} or lower train.learning_rate")
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
+        self.load(config)
         arrays_to_adapter(self.model, parameters)
         limit = self.settings.train.max_eval_sequences
         loss, tokens = evaluate(self.model, self.data.eval[:limit], self.data.eval_mask[:limit])

@@ -72,11 +72,14 @@ def load_tokenizer(settings: ModelSettings, cache_root: Path | str | None = None
     return tokenizer
 
 
-def check_context(settings: ModelSettings, seq_len: int, cache_root: Path | str | None = None) -> None:
-    """Refuse training rows longer than the model's context, from its config alone (no weights loaded).
+def check_model(settings: ModelSettings, lora: LoraSettings, seq_len: int,
+                cache_root: Path | str | None = None) -> None:
+    """Refuse a model that cannot take this run, from its config alone: the architecture is built on the meta
+    device (no weights are read or allocated) and the adapter put on it, so a wrong lora.target_modules or a
+    dataset.seq_len past the model's context fails here, before any data is prepared.
 
     Raises:
-        ConfigError: naming dataset.seq_len and the model's context; or the config cannot be loaded.
+        ConfigError: naming the setting and the fix; or the config cannot be loaded.
     """
     source = resolve_model_path(settings, cache_root)
     try:
@@ -88,6 +91,12 @@ def check_context(settings: ModelSettings, seq_len: int, cache_root: Path | str 
     if isinstance(context, int) and seq_len > context:
         raise ConfigError(f"dataset.seq_len={seq_len} exceeds the context of model.name_or_path="
                           f"{settings.name_or_path!r} ({context} tokens); set dataset.seq_len<={context}")
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _unloadable(settings, err) from None
+        apply_lora(model, lora, seed=0)
 
 
 def load_base_model(settings: ModelSettings, cache_root: Path | str | None = None

@@ -27,6 +27,7 @@ for _handler in logging.root.handlers[len(_root_handlers):]:
     logging.root.removeHandler(_handler)
 
 from fedlm.files import write_atomic
+from fedlm.protocol import DECLINES, BudgetExceeded
 from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
 from fedlm.training import TrainResult, autocast, proximal_gradient, resolve_precision, sequence_losses
 
@@ -42,15 +43,6 @@ History = list[tuple[float, float, int]]
 
 LEDGER_VERSION = 1
 _PRV_MAX_EPSILON = 100.0
-
-
-DECLINES = "declines to train this round"
-"""The words a client's refusal carries (budget spent, or below its device's privacy floor): the server
-counts such replies as non-participants, not failures."""
-
-
-class BudgetExceeded(RuntimeError):
-    """A client must not train this round: its budget would be exceeded or the run asks for too little privacy."""
 
 
 def resolve_delta(settings: PrivacySettings, n_train: int) -> float:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import random
+import json
+import logging
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Context
 from flwr.common import ndarrays_to_parameters
 from flwr.common.logger import log
@@ -17,16 +17,27 @@ from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
 from fedlm.data import load_texts, pack_texts, prepare_federation
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings, check_resumable, settings_from_run_config
-from fedlm.training import evaluate, perplexity
+from fedlm.training import evaluate
 from server.checkpoint import load_strategy_state, read_state
 from server.loop import RoundLoop, build_fit_workflow
 from server.metering import MeteredGrid
 from server.recorder import RunRecorder
-from server.sampling import StableClientManager
 from server.report import write_report
-from strategies import EvaluateFn, build_strategy
+from server.sampling import StableClientManager
+from server.validation import ValidatedReplies
+from strategies import build_strategy, check_strategy
+from strategies.spec import EvaluateFn
 
-INFO = 20
+
+PREPARED = "settings.json"
+"""Written by the launcher, last, once every input passed and the clients' data is prepared."""
+
+
+def prepared_by_launcher(out_dir: Path, settings: RunSettings) -> bool:
+    try:
+        return json.loads((out_dir / PREPARED).read_text()) == json.loads(settings.to_json())
+    except (OSError, ValueError):
+        return False
 
 
 def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> EvaluateFn | None:
@@ -39,7 +50,7 @@ def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> Eva
     def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
         arrays_to_adapter(model, arrays)
         loss, tokens = evaluate(model, ids, mask)
-        return loss, {"central_perplexity": perplexity(loss), "central_tokens": tokens}
+        return loss, {"tokens": tokens}
 
     return evaluate_fn
 
@@ -47,31 +58,34 @@ def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> Eva
 def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     """Prepare (or resume), run every round, and leave metrics, the adapter and a report in
     `settings.output_dir`."""
-    random.seed(settings.seed)
-    np.random.seed(settings.seed)
+    spec = check_strategy(settings)  # `flwr run` reaches here without the launcher's checks
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resumed = read_state(Path(settings.resume)) if settings.resume else None
     if resumed:
         check_resumable(resumed.settings, settings, settings.resume)
     base, tokenizer = load_base_model(settings.model, settings.cache_dir)
-    if settings.deployment.name == "simulation":  # deployed devices bring their own data (node config data-path)
-        prepare_federation(settings, tokenizer, out_dir / "data")  # a no-op when the launcher already did it
-    model = apply_lora(base, settings.lora, settings.seed, frozen_a=settings.strategy.frozen_a)
+    # The launcher prepares a simulation's data before the run (its settings.json says so); `flwr run` does not.
+    # Deployed devices bring their own data (node config data-path).
+    if settings.deployment.name == "simulation" and not prepared_by_launcher(out_dir, settings):
+        prepare_federation(settings, tokenizer, out_dir / "data")
+    model = apply_lora(base, settings.lora, settings.seed, frozen_a=spec.frozen_a)
     initial = ndarrays_to_parameters(resumed.arrays if resumed else adapter_to_arrays(model))
-    strategy = build_strategy(settings, initial, central_evaluator(settings, model, tokenizer))
+    strategy = ValidatedReplies(build_strategy(settings, initial, central_evaluator(settings, model, tokenizer)),
+                                initial, min_replies=settings.server.min_replies,
+                                max_weight=settings.federation.max_client_weight)
     first_round = 0
     if resumed:
-        load_strategy_state(strategy, resumed.strategy_state)
+        load_strategy_state(strategy, resumed.strategy_state, Path(settings.resume))
         first_round = resumed.server_round + 1
-        log(INFO, "Resuming %s after its committed round %d", out_dir, resumed.server_round)
+        log(logging.INFO, "Resuming %s after its committed round %d", out_dir, resumed.server_round)
     metered = MeteredGrid(grid, timeout=settings.server.round_timeout)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy,
                            client_manager=StableClientManager(metered, settings.seed, settings.server.round_timeout))
-    recorder = RunRecorder(out_dir, model, metered, settings, first_round)
+    recorder = RunRecorder(out_dir, model, settings, first_round)
     RoundLoop(recorder, build_fit_workflow(settings), first_round)(metered, legacy)
     report = write_report(out_dir, settings)
-    log(INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)
+    log(logging.INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)
 
 
 def build_server_app(settings: RunSettings | None = None) -> ServerApp:

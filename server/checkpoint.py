@@ -39,12 +39,26 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
             if hasattr(layer, "state_dict") for key, value in layer.state_dict().items()}
 
 
-def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
-    for layer in strategy_layers(strategy):
-        prefix = f"{type(layer).__name__}."
-        own = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-        if own:
-            layer.load_state_dict(own)
+def load_strategy_state(strategy: Strategy, state: dict[str, np.ndarray], run_dir: Path) -> None:
+    """Give every stateful layer of `strategy` its saved state; refuse what cannot be restored exactly.
+
+    Raises:
+        ConfigError: a saved layer the running strategy lacks, a stateful layer with no saved state, or state
+            that does not fit it (another adapter shape): resuming would silently restart its moments at zero.
+    """
+    stateful = {type(layer).__name__: layer for layer in strategy_layers(strategy) if hasattr(layer, "state_dict")}
+    saved = {key.split(".", 1)[0] for key in state}
+    if saved != set(stateful):
+        raise ConfigError(f"resume={run_dir}: the committed state holds strategy state for {sorted(saved) or 'nothing'} "
+                          f"but the running strategy keeps state in {sorted(stateful) or 'nothing'}; it cannot be "
+                          "restored exactly (was it written by another strategy or Pollinate version?); start a new run")
+    for name, layer in stateful.items():
+        prefix = f"{name}."
+        try:
+            layer.load_state_dict({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)})
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"resume={run_dir}: the saved state of {name} does not fit this run ({err}); start a "
+                              "new run") from None
 
 
 def write_state(run_dir: Path, server_round: int, arrays: list[np.ndarray], strategy: Strategy,

@@ -1,4 +1,4 @@
-"""A Grid that counts the payload bytes of every message it carries, whatever workflow drives it."""
+"""A Grid that writes into the round record what every message did: bytes, who was asked to train, who declined or failed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Iterable
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from fedlm.privacy import DECLINES
+from fedlm.protocol import DECLINED
+from server.record import RoundRecord
 
 
 def payload_bytes(message: Message) -> int:
@@ -24,7 +25,7 @@ def payload_bytes(message: Message) -> int:
 
 
 class MeteredGrid(Grid):
-    """Delegates to a real Grid and adds up bytes sent to (down) and received from (up) clients.
+    """Delegates to a real Grid and writes every exchange into `record`, the current round's RoundRecord.
 
     It also bounds every exchange that sets no timeout of its own (Flower's plain fit and evaluate steps wait
     forever) by `timeout` seconds: replies that arrive later are dropped.
@@ -33,17 +34,27 @@ class MeteredGrid(Grid):
     def __init__(self, grid: Grid, timeout: float | None = None) -> None:
         self._grid = grid
         self.timeout = timeout
-        self.bytes_down = 0
-        self.bytes_up = 0
-        self.train_nodes: set[int] = set()
-        """Clients that were sent training instructions."""
-        self.declined_nodes: set[int] = set()
-        """Clients that declined to train (privacy budget or floor): non-participants, not failures."""
+        self.record = RoundRecord(0)
+        """The round loop replaces it at the start of every round."""
+        self.stage = "fit"
+        """What the current training messages are for (SecAgg+ names its protocol stages)."""
 
     def _sent(self, messages: list[Message]) -> None:
-        self.bytes_down += sum(payload_bytes(m) for m in messages)
-        self.train_nodes.update(m.metadata.dst_node_id for m in messages
-                                if m.metadata.message_type == MessageType.TRAIN)
+        self.record.bytes_down += sum(payload_bytes(m) for m in messages)
+        self.record.sampled.update(m.metadata.dst_node_id for m in messages
+                                   if m.metadata.message_type == MessageType.TRAIN)
+
+    def _received(self, replies: list[Message]) -> None:
+        self.record.bytes_up += sum(payload_bytes(m) for m in replies)
+        for reply in replies:
+            if not reply.has_error():
+                continue
+            node, reason = reply.metadata.src_node_id, reply.error.reason or ""
+            if reply.error.code == DECLINED:
+                self.record.declined.append({"node": node, "reason": reason})
+            elif reply.metadata.message_type == MessageType.TRAIN:
+                self.record.note_failure(node, self.stage, reason.strip().splitlines()[-1][:300] if reason else
+                                         f"error code {reply.error.code}")
 
     def set_run(self, run) -> None:
         self._grid.set_run(run)
@@ -61,11 +72,6 @@ class MeteredGrid(Grid):
     def get_nodes(self):
         return self._grid.get_nodes()
 
-    def _received(self, replies: list[Message]) -> None:
-        self.bytes_up += sum(payload_bytes(m) for m in replies)
-        self.declined_nodes.update(m.metadata.src_node_id for m in replies
-                                   if m.has_error() and DECLINES in (m.error.reason or ""))
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self._sent(messages)
@@ -81,4 +87,7 @@ class MeteredGrid(Grid):
         self._sent(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=self.timeout if timeout is None else timeout))
         self._received(replies)
+        asked = {m.metadata.dst_node_id for m in messages if m.metadata.message_type == MessageType.TRAIN}
+        for node in sorted(asked - {r.metadata.src_node_id for r in replies}):  # Flower drops them silently
+            self.record.note_failure(node, self.stage, "no reply within the timeout")
         return replies

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,10 +10,7 @@ matplotlib.use("Agg")  # files only: runs on servers with no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedlm.settings import RunSettings  # noqa: E402
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+from server.record import read_metrics  # noqa: E402
 
 
 def _plot(rows: list[dict], series: dict[str, str], ylabel: str, path: Path, log_scale: bool = False) -> None:
@@ -86,6 +82,10 @@ def write_report(run_dir: Path, settings: RunSettings, title: str = "Pollinate r
                     f"**{first['eval_perplexity']:.2f} at round {first['round']}"
                     f"{' (base model)' if first['round'] == 0 else ''} -> {last['eval_perplexity']:.2f} "
                     f"after round {last['round']}** ({change:+.1f} %).")
+    lost = [r for r in rows if r.get("abandoned")]
+    if lost:
+        headline += (f"\n\n**{len(lost)} of {len(rows) - 1} rounds were abandoned and changed nothing:** " + "; ".join(
+            f"round {r['round']} at {r.get('abandoned_stage')} ({r.get('abandoned_reason')})" for r in lost) + ".")
     lines = [
         f"# {title}", "", f"{headline} Wall time {total_seconds:.0f} s.", "",
         *privacy_lines(rows, settings),
@@ -98,7 +98,7 @@ def write_report(run_dir: Path, settings: RunSettings, title: str = "Pollinate r
             ("train_loss", 3), ("eval_loss", 3), ("eval_perplexity", 2), ("eval_perplexity_worst", 2)))
         lines.append(f"| {r['round']} | {train} | {loss} | {ppl} | {worst} "
                      f"| {r['clients_ok']}/{r['clients_sampled']} ({r.get('clients_declined', 0)}) | {r['bytes_down'] / 1e6:.2f} "
-                     f"| {r['bytes_up'] / 1e6:.2f} | {r['seconds']:.1f} |")
+                     f"| {r['bytes_up'] / 1e6:.2f} | {r['seconds']:.1f}{' (abandoned)' if r.get('abandoned') else ''} |")
     if any("central_perplexity" in r for r in rows):
         lines += ["", "Central evaluation (server-side data): " + ", ".join(
             f"round {r['round']}: {r['central_perplexity']:.2f}" for r in rows if "central_perplexity" in r)]

@@ -53,6 +53,23 @@ class RunOutcome:
     def final_perplexity(self) -> float | None:
         return next((r["eval_perplexity"] for r in reversed(self.rows) if r["eval_perplexity"] is not None), None)
 
+    @property
+    def abandoned_rounds(self) -> list[int]:
+        return [r["round"] for r in self.rows if r.get("abandoned")]
+
+    def summary(self) -> str:
+        """The headline, and a warning when rounds published nothing."""
+        first, last = self.initial_perplexity, self.final_perplexity
+        line = (f"Held-out perplexity {first or float('nan'):.2f} (round 0, base) -> {last or float('nan'):.2f} "
+                f"(round {self.rows[-1]['round']}).")
+        lost = self.abandoned_rounds
+        if lost:
+            trained = len(self.rows) - 1 - len(lost)
+            line += (f"\nWARNING: {len(lost)} of {len(self.rows) - 1} rounds were abandoned (rounds "
+                     f"{', '.join(map(str, lost))}) and changed nothing; {trained} trained. The progress lines and "
+                     "metrics.jsonl (abandoned_stage, abandoned_reason) say why.")
+        return line
+
 
 def _writable(output_dir: str) -> Path:
     out_dir = Path(output_dir)
@@ -69,20 +86,22 @@ def prepare(settings: RunSettings) -> None:
     """Everything that can fail on bad input, before any federation starts: data, tokenizer, model.
 
     Cheapest first: the data files (a wrong path fails in milliseconds), then what needs the tokenizer and
-    the model's config (rows per client, context length), then the weights. settings.json, written last and
-    atomically, marks a run whose inputs all passed.
+    the model's config (context length, LoRA targets; no weights are loaded) and then the data's rows per
+    client. settings.json, written last and atomically, marks a run whose inputs all passed; the ServerApp
+    then uses the prepared data as it is.
     """
     from fedlm.data import load_corpus, load_texts, prepare_federation, write_json_atomic
-    from fedlm.model import check_context, load_base_model, load_tokenizer
+    from fedlm.model import check_model, load_tokenizer
+    from strategies import check_strategy
 
+    check_strategy(settings)
     corpus = load_corpus(settings.dataset, num_sources=settings.federation.num_clients, seed=settings.seed)
     if settings.server.central_eval_path:
         load_texts(settings.server.central_eval_path, settings.dataset, key="server.central_eval_path")
     out_dir = _writable(settings.output_dir)
     tokenizer = load_tokenizer(settings.model, settings.cache_dir)
-    check_context(settings.model, settings.dataset.seq_len, settings.cache_dir)
+    check_model(settings.model, settings.lora, settings.dataset.seq_len, settings.cache_dir)
     prepare_federation(settings, tokenizer, out_dir / "data", corpus)
-    load_base_model(settings.model, settings.cache_dir)
     write_json_atomic(out_dir / "settings.json", json.loads(settings.to_json()))
 
 
@@ -97,6 +116,7 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
 
     from client.app import build_client_app
     from server.app import build_server_app
+    from server.record import read_metrics
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addFilter(_DropDeprecationNotice())
@@ -116,11 +136,7 @@ def simulate(settings: RunSettings, client_mods: tuple = ()) -> RunOutcome:
                               "logging_level": logging.ERROR, "log_to_driver": True},
             },
         )
-    out_dir = Path(settings.output_dir)
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
-    outcome = RunOutcome(out_dir, rows)
-    print(f"\nPollinate: {len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity "
-          f"{outcome.initial_perplexity or float('nan'):.2f} (round 0, base) -> "
-          f"{outcome.final_perplexity or float('nan'):.2f} (round {rows[-1]['round']}).\n"
-          f"Outputs: {out_dir} (metrics.jsonl, adapter/, report.md)", flush=True)
+    outcome = RunOutcome(Path(settings.output_dir), read_metrics(Path(settings.output_dir)))
+    print(f"\nPollinate: {len(outcome.rows) - 1} rounds in {time.perf_counter() - start:.0f} s. {outcome.summary()}\n"
+          f"Outputs: {outcome.output_dir} (metrics.jsonl, adapter/, report.md)", flush=True)
     return outcome

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedlm.settings import ConfigError, RunSettings, check_resumable, settings_from_dict
 from server.checkpoint import read_state
 from simulations.launch import simulate
+from strategies import check_strategy
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -24,7 +25,9 @@ def to_settings(cfg: DictConfig, output_dir: str) -> RunSettings:
     data = OmegaConf.to_container(cfg, resolve=True)
     data.pop("hydra", None)
     data["output_dir"] = str(data.pop("output_dir", output_dir))
-    return settings_from_dict(RunSettings, data)
+    settings = settings_from_dict(RunSettings, data)
+    check_strategy(settings)  # `strategy.name=...` and the strategy's rules, before any data is read
+    return settings
 
 
 def compose_settings(overrides: list[str], output_dir: str) -> RunSettings:
@@ -74,6 +77,11 @@ def check_override_keys(overrides: list[str]) -> None:
     plain = [o.split("=", 1)[0] for o in overrides if "=" in o and not o.startswith(("+", "~", "hydra."))]
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     choices = [o for o in overrides if o.split("=", 1)[0].lstrip("+") in groups]
+    for choice in choices:  # Hydra's own answer to a missing option is a 55-line traceback
+        group, _, option = choice.lstrip("+").partition("=")
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        if option not in options:
+            raise ConfigError(f"{group}={option!r} is unknown; choose one of {options}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name="config", overrides=choices))
     known = set(_leaf_keys(cfg)) | groups

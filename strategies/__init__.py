@@ -1,50 +1,70 @@
-"""Federated strategies over LoRA adapters, chosen by name with `strategy=NAME`."""
+"""Federated strategies over LoRA adapters: the one registry of `strategy=NAME`, and their shared rules."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 from flwr.common import Parameters
 from flwr.server.strategy import Strategy
 
+from fedlm.privacy import resolve_delta
 from fedlm.settings import ConfigError, RunSettings
 from strategies.client_dp import ClientLevelDP
-from strategies.fedavg import build_fedavg
-from strategies.server_opt import build_server_optimizer
-from strategies.validation import ValidatedReplies
+from strategies.fedavg import FEDAVG, FEDPROX, FROZEN_A
+from strategies.server_opt import FEDADAGRAD, FEDADAM, FEDYOGI
+from strategies.spec import EvaluateFn, StrategySpec
 
-EvaluateFn = Callable[[int, list, dict], "tuple[float, dict] | None"]
-
-_STRATEGIES: dict[str, Callable[[RunSettings, Parameters, EvaluateFn | None], Strategy]] = {
-    "fedavg": build_fedavg,
-    "fedprox": build_fedavg,  # clients add the proximal term (strategy.mu); the server averages
-    "frozen_a": build_fedavg,  # clients train and send only lora_B; averaging B is exact with a shared A
-    "fedadam": build_server_optimizer,
-    "fedyogi": build_server_optimizer,
-    "fedadagrad": build_server_optimizer,
-}
+# Adding a strategy: a module defining its StrategySpec, one entry here, and conf/strategy/NAME.yaml.
+STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
+    FEDAVG, FEDPROX, FROZEN_A, FEDADAM, FEDYOGI, FEDADAGRAD)}
 
 
-def build_strategy(settings: RunSettings, initial: Parameters, evaluate_fn: EvaluateFn | None = None) -> Strategy:
-    """The strategy `settings.strategy.name` names, starting from the `initial` adapter.
+def strategy_spec(name: str) -> StrategySpec:
+    """The spec `strategy=name` stands for.
 
     Raises:
         ConfigError: the name is unknown (the message lists the valid ones).
     """
     try:
-        builder = _STRATEGIES[settings.strategy.name]
+        return STRATEGIES[name]
     except KeyError:
-        raise ConfigError(f"strategy={settings.strategy.name!r} is unknown; choose one of "
-                          f"{sorted(_STRATEGIES)}") from None
-    strategy = builder(settings, initial, evaluate_fn)
+        raise ConfigError(f"strategy={name!r} is unknown; choose one of {sorted(STRATEGIES)}") from None
+
+
+def check_strategy(settings: RunSettings) -> StrategySpec:
+    """The run's strategy spec, after its rules and the rules every strategy shares have passed.
+
+    Raises:
+        ConfigError: an unknown strategy, or a setting it cannot be combined with, naming the fix.
+    """
+    s = settings.strategy
+    spec = strategy_spec(s.name)
+    if spec.proximal and s.mu <= 0:
+        raise ConfigError(f"strategy={s.name} needs strategy.mu > 0 (got {s.mu:g}: that is plain FedAvg); try "
+                          "strategy.mu=0.01, or use strategy=fedavg")
+    if not spec.proximal and s.mu > 0:
+        raise ConfigError(f"strategy.mu={s.mu} is FedProx's proximal weight, which strategy={s.name} ignores; "
+                          "use strategy=fedprox, or leave strategy.mu at 0")
+    if s.lr_schedule != "constant" and not spec.server_optimizer:
+        optimizers = sorted(n for n, other in STRATEGIES.items() if other.server_optimizer)
+        raise ConfigError(f"strategy.lr_schedule={s.lr_schedule} schedules a server optimiser's learning rate, "
+                          f"and strategy={s.name} has none; use one of {optimizers} or strategy.lr_schedule=constant")
+    spec.check(settings)
+    return spec
+
+
+def build_strategy(settings: RunSettings, initial: Parameters, evaluate_fn: EvaluateFn | None = None) -> Strategy:
+    """The run's strategy, starting from the `initial` adapter, with client-level DP around it if configured.
+
+    Raises:
+        ConfigError: see check_strategy.
+    """
+    strategy = check_strategy(settings).build_strategy(settings, initial, evaluate_fn)
     privacy, fed = settings.privacy, settings.federation
     if privacy.client_level:
         strategy = ClientLevelDP(strategy, clipping_norm=privacy.update_clipping_norm,
                                  noise_multiplier=privacy.update_noise_multiplier,
                                  sample_rate=fed.clients_per_round / fed.num_clients,
-                                 delta=privacy.delta or min(1e-5, 1 / fed.num_clients))
-    return ValidatedReplies(strategy, initial, min_replies=settings.server.min_replies,
-                            max_weight=fed.max_client_weight)
+                                 delta=resolve_delta(privacy, fed.num_clients))  # the privacy unit: one client
+    return strategy
 
 
 def strategy_layers(strategy: Strategy) -> list[Strategy]:
@@ -53,7 +73,3 @@ def strategy_layers(strategy: Strategy) -> list[Strategy]:
     while hasattr(layers[-1], "inner"):
         layers.append(layers[-1].inner)
     return layers
-
-
-def strategy_names() -> list[str]:
-    return sorted(_STRATEGIES)

@@ -2,48 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-from flwr.common import Metrics, Parameters
+from flwr.common import Parameters
 from flwr.server.strategy import FedAvg
 
-from fedlm.settings import RunSettings
-
-if TYPE_CHECKING:
-    from strategies import EvaluateFn
-
-
-def fit_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
-    """Example-weighted train loss, the clients' summed training time and tokens, and their privacy spend."""
-    total = sum(n for n, _ in results)
-    metrics = {
-        "train_loss": sum(n * float(m["train_loss"]) for n, m in results) / total,
-        "client_train_seconds": sum(float(m["train_seconds"]) for _, m in results),
-        "train_tokens": sum(int(m["train_tokens"]) for _, m in results),
-        "clients_ok": len(results),
-    }
-    epsilons = [float(m["epsilon"]) for _, m in results if "epsilon" in m]
-    if epsilons:  # each is that client's cumulative spend over every round it joined
-        metrics |= {"epsilon_max": max(epsilons), "epsilon_mean": sum(epsilons) / len(epsilons),
-                    "delta": max(float(m["delta"]) for _, m in results if "delta" in m)}
-    return metrics
+from fedlm.protocol import ROUND
+from fedlm.settings import ConfigError, RunSettings
+from strategies.spec import EvaluateFn, StrategySpec
 
 
-def eval_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
-    """The worst and the mean client perplexity (the token-weighted one comes from the loss)."""
-    ppl = [float(m["perplexity"]) for _, m in results]
-    return {"eval_perplexity_worst": max(ppl), "eval_perplexity_client_mean": sum(ppl) / len(ppl),
-            "eval_clients": len(results)}
+def no_metrics(results: list) -> dict:
+    """Client metrics are kept whole, per client, in the round record (server/record.py), not averaged here."""
+    return {}
 
 
-def round_config(server_round: int) -> dict:
-    """What every client is told with its instructions: which round this is (seeds its local sampling)."""
-    return {"round": server_round}
-
-
-def fedavg_options(settings: RunSettings, initial: Parameters, evaluate_fn: "EvaluateFn | None" = None) -> dict:
+def fedavg_options(spec: StrategySpec, settings: RunSettings, initial: Parameters,
+                   evaluate_fn: EvaluateFn | None) -> dict:
     """The FedAvg keyword arguments every strategy here shares (the server optimisers extend FedAvg)."""
     fed = settings.federation
+    client_config = spec.client_config(settings)
+
+    def instructions(server_round: int) -> dict[str, Any]:
+        # The round seeds the client's local sampling and lets the server drop a stale reply.
+        return {ROUND: server_round, **client_config}
+
     return dict(
         # min_* fix the counts exactly: a fraction alone can round k/n * n down to k - 1.
         fraction_fit=fed.clients_per_round / fed.num_clients,
@@ -54,16 +37,31 @@ def fedavg_options(settings: RunSettings, initial: Parameters, evaluate_fn: "Eva
         min_available_clients=fed.num_clients,
         initial_parameters=initial,
         evaluate_fn=evaluate_fn,
-        on_fit_config_fn=round_config,
-        on_evaluate_config_fn=round_config,
-        fit_metrics_aggregation_fn=fit_metrics,
-        evaluate_metrics_aggregation_fn=eval_metrics,
+        on_fit_config_fn=instructions,
+        on_evaluate_config_fn=instructions,
+        fit_metrics_aggregation_fn=no_metrics,
+        evaluate_metrics_aggregation_fn=no_metrics,
         accept_failures=True,
     )
 
 
-def build_fedavg(settings: RunSettings, initial: Parameters,
-                 evaluate_fn: "EvaluateFn | None" = None) -> FedAvg:
-    """FedAvg; also the server side of fedprox (the proximal term lives in local training) and frozen_a
-    (averaging B alone is exact when every client shares A: the mean of B_i A is (mean B_i) A)."""
-    return FedAvg(**fedavg_options(settings, initial, evaluate_fn))
+def build_fedavg(spec: StrategySpec, settings: RunSettings, initial: Parameters,
+                 evaluate_fn: EvaluateFn | None = None) -> FedAvg:
+    """FedAvg; also the server side of fedprox (the proximal term lives in local training) and frozen_a."""
+    return FedAvg(**fedavg_options(spec, settings, initial, evaluate_fn))
+
+
+def _frozen_a_rules(settings: RunSettings) -> None:
+    # frozen_a never sends A: each client redraws it from the seed, and a rank-r_i draw is not the first r_i
+    # rows of the global rank-r draw, so the clients' B would pair with different A's.
+    ranks = settings.lora.client_ranks
+    if any(r < settings.lora.r for r in ranks):
+        raise ConfigError(f"strategy=frozen_a cannot be combined with lora.client_ranks={list(ranks)} below "
+                          "lora.r: a lower-rank client cannot rebuild the global frozen A; use another strategy or "
+                          "clear lora.client_ranks")
+
+
+FEDAVG = StrategySpec("fedavg", build_fedavg)
+FEDPROX = StrategySpec("fedprox", build_fedavg, proximal=True)
+# Averaging B alone is exact when every client shares A: the mean of B_i A is (mean B_i) A.
+FROZEN_A = StrategySpec("frozen_a", build_fedavg, frozen_a=True, check=_frozen_a_rules)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.common import Parameters
 from flwr.server.strategy import FedAdagrad, FedAdam, FedYogi
 
-from fedlm.settings import RunSettings
+from fedlm.settings import ConfigError, RunSettings
 from strategies.fedavg import fedavg_options
-
-if TYPE_CHECKING:
-    from strategies import EvaluateFn
+from strategies.spec import EvaluateFn, StrategySpec
 
 _STATE = ("current_weights", "m_t", "v_t")
 
@@ -90,12 +87,26 @@ class ServerAdagrad(ServerOptimizer, FedAdagrad):
 _CLASSES = {"fedadam": ServerAdam, "fedyogi": ServerYogi, "fedadagrad": ServerAdagrad}
 
 
-def build_server_optimizer(settings: RunSettings, initial: Parameters,
-                           evaluate_fn: "EvaluateFn | None" = None) -> ServerOptimizer:
+def build_server_optimizer(spec: StrategySpec, settings: RunSettings, initial: Parameters,
+                           evaluate_fn: EvaluateFn | None = None) -> ServerOptimizer:
     s = settings.strategy
-    cls = _CLASSES[s.name]
+    cls = _CLASSES[spec.name]
     options = dict(eta=s.server_learning_rate, tau=s.tau)
     if cls is not ServerAdagrad:  # Adagrad has no moment decay: Flower's FedAdagrad fixes beta_1 = 0, no beta_2
         options |= dict(beta_1=s.beta_1, beta_2=s.beta_2)
     return cls(schedule=s.lr_schedule, rounds=settings.federation.rounds, **options,
-               **fedavg_options(settings, initial, evaluate_fn))
+               **fedavg_options(spec, settings, initial, evaluate_fn))
+
+
+def _no_client_level_dp(settings: RunSettings) -> None:
+    # The client-level noise must go on the mean of the clipped updates, whose sensitivity is C / k; a server
+    # optimiser's step (m / (sqrt(v) + tau)) has no such bound, and ClientLevelDP noises its output.
+    if settings.privacy.client_level:
+        raise ConfigError(f"strategy={settings.strategy.name} cannot be combined with client-level DP "
+                          f"(privacy.update_clipping_norm={settings.privacy.update_clipping_norm}): the noise is "
+                          "calibrated to the plain mean of clipped updates; use strategy=fedavg, fedprox or frozen_a, "
+                          "or set privacy.update_clipping_norm=0")
+
+
+FEDADAM, FEDYOGI, FEDADAGRAD = (StrategySpec(name, build_server_optimizer, server_optimizer=True,
+                                             check=_no_client_level_dp) for name in _CLASSES)

@@ -1,6 +1,6 @@
 """A worker process loads the base model once and reuses it for every client and round it serves."""
 
-from client.app import worker_model
+from client.lora_client import worker_model
 from fedlm.settings import LoraSettings, ModelSettings
 
 

@@ -9,6 +9,7 @@ from peft.tuners.lora import LoraLayer
 from fedlm.adapter import AdapterMismatch, adapter_names, adapter_to_arrays, arrays_to_adapter
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings, settings_from_dict
+from strategies import check_strategy
 
 LORA = LoraSettings(r=4, alpha=8.0)
 
@@ -81,8 +82,9 @@ def test_a_rank_above_the_global_one_is_refused(tiny_llama_dir):
         LORA.client_rank(0, node_rank="5")
     with pytest.raises(ConfigError, match="outside"):
         apply_lora(load_base_model(ModelSettings(name_or_path=str(tiny_llama_dir)))[0], LORA, seed=0, rank=6)
+    settings = settings_from_dict(RunSettings, {"lora": {"r": 4, "client_ranks": [2, 4]}, "strategy": {"name": "frozen_a"}})
     with pytest.raises(ConfigError, match="frozen_a cannot be combined"):
-        settings_from_dict(RunSettings, {"lora": {"r": 4, "client_ranks": [2, 4]}, "strategy": {"name": "frozen_a"}})
+        check_strategy(settings)
 
 
 def test_client_rank_comes_from_node_config_then_client_ranks_then_r():

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from fedlm.settings import RunSettings, settings_from_dict
 from simulations.launch import simulate
+from strategies import strategy_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Ray ships the recording mod to its workers by value: they cannot import this test module.
@@ -27,12 +28,12 @@ class RecordRank:
         if msg.metadata.message_type == MessageType.TRAIN:
             from peft import get_peft_model_state_dict
 
-            from client.app import worker_model
+            from client.lora_client import worker_model
             s, pid = self.settings, int(context.node_config["partition-id"])
             rank = s.lora.client_rank(pid)
             lower = (rank,) if rank < s.lora.r else ()  # the key LoraClient used: a cache hit, not a new model
             before = worker_model.cache_info().hits
-            model, _ = worker_model(s.model, s.lora, s.seed, s.cache_dir, s.strategy.frozen_a, *lower)
+            model, _ = worker_model(s.model, s.lora, s.seed, s.cache_dir, strategy_spec(s.strategy.name).frozen_a, *lower)
             assert worker_model.cache_info().hits == before + 1
             ranks = {t.shape[0] for k, t in get_peft_model_state_dict(model).items() if ".lora_A." in k}
             with self.path.open("a") as f:

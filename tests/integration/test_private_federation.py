@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from client.app import LoraClient
+from client.lora_client import LoraClient
 from fedlm.privacy import DECLINES, BudgetExceeded, PrivacyLedger, epsilon_of
 from fedlm.settings import RunSettings, settings_from_dict
 from simulations.launch import simulate
@@ -61,6 +61,9 @@ def test_a_small_budget_declines_exactly_the_round_that_would_exceed_it(budget_r
     settings, outcome, sizes, small, large = budget_run
     rows = outcome.rows
     assert [(r["clients_ok"], r["clients_declined"]) for r in rows[1:]] == [(2, 0), (2, 0), (1, 1)]
+    # The refusal travels as its error code, so it is a non-participant, not a failure, and the round goes on.
+    assert rows[3]["clients_failed"] == 0
+    assert "past its lifetime budget" in rows[3]["declined"][0]["reason"]
     # One update is never published as the global adapter (server.min_replies), though its privacy was spent.
     assert [r["abandoned"] for r in rows[1:]] == [False, False, True]
     small_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{small}.json")

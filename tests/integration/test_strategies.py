@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings, settings_from_dict
 from simulations.launch import simulate
+from strategies import strategy_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Ray ships the recording mod to its workers by value: they cannot import this test module.
@@ -36,9 +37,9 @@ class RecordA:
     def __call__(self, msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
         if msg.metadata.message_type == MessageType.TRAIN:
-            from client.app import worker_model
+            from client.lora_client import worker_model
             s = self.settings
-            model, _ = worker_model(s.model, s.lora, s.seed, s.cache_dir, s.strategy.frozen_a)  # the client's own
+            model, _ = worker_model(s.model, s.lora, s.seed, s.cache_dir, strategy_spec(s.strategy.name).frozen_a)  # the client's own
             with self.path.open("a") as f:
                 f.write(f"{context.node_config['partition-id']} {_a_digest(model)}\n")
         return reply

@@ -74,7 +74,7 @@ def test_a_strategy_state_round_trips_and_tampering_is_caught(tmp_path):
 
     state = read_state(tmp_path)
     fresh = build_strategy(settings, ndarrays_to_parameters(state.arrays))
-    load_strategy_state(fresh, state.strategy_state)
+    load_strategy_state(fresh, state.strategy_state, tmp_path)
     assert state.server_round == 3 and state.settings == settings
     np.testing.assert_array_equal(strategy_layers(fresh)[-1].m_t[0], optimizer.m_t[0])
 
@@ -86,3 +86,18 @@ def test_a_strategy_state_round_trips_and_tampering_is_caught(tmp_path):
         read_state(tmp_path)
     with pytest.raises(ConfigError, match="no committed round"):
         read_state(tmp_path / "elsewhere")
+
+
+def test_resume_with_a_mismatched_optimizer_state_is_refused(tmp_path):
+    """A committed FedAdam state cannot be resumed by a strategy that keeps other (or no) state."""
+    adam = _settings()
+    initial = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    write_state(tmp_path, 2, [np.ones(3, np.float32)], build_strategy(adam, initial), adam)
+    state = read_state(tmp_path)
+    plain = build_strategy(settings_from_dict(RunSettings, {"strategy": {"name": "fedavg"}}), initial)
+    with pytest.raises(ConfigError, match=r"holds strategy state for \['ServerAdam'\] but the running strategy "
+                                          r"keeps state in nothing; it cannot be restored exactly"):
+        load_strategy_state(plain, state.strategy_state, tmp_path)
+    wider = build_strategy(adam, ndarrays_to_parameters([np.zeros(5, np.float32)]))
+    with pytest.raises(ConfigError, match=r"the saved state of ServerAdam does not fit this run"):
+        load_strategy_state(wider, state.strategy_state, tmp_path)

@@ -24,7 +24,7 @@ def _strategy(noise, size=3):
 
 def test_the_wrapper_is_built_from_settings_and_accounts_per_round():
     strategy = _strategy(noise=1.0)
-    dp = strategy_layers(strategy)[1]
+    dp = strategy_layers(strategy)[0]
     assert isinstance(dp, ClientLevelDP) and dp.sample_rate == 0.4
     vectors = [np.full(3, float(i), np.float32) for i in range(4)]
     for rounds in (1, 2):

@@ -10,8 +10,8 @@ own update (clipping range) before masking it.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.common import EvaluateRes, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
@@ -19,21 +19,8 @@ from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from strategies.fedavg import fit_metrics
+from server.record import RoundRecord
 from strategies.wrapper import StrategyWrapper
-
-WARNING = 30
-
-
-@dataclass
-class RoundAudit:
-    """What the checks did to one round's training replies (the recorder puts it in the metrics row)."""
-
-    dropped: list[str] = field(default_factory=list)
-    """One line per dropped reply: the node, the client it claimed to be, and why."""
-    abandoned: bool = False
-    metrics: dict = field(default_factory=dict)
-    """The valid replies' aggregated metrics when the round was abandoned: their privacy was still spent."""
 
 
 def reply_problem(res: FitRes, server_round: int, shapes: list[tuple[int, ...]]) -> str | None:
@@ -60,23 +47,23 @@ def reply_problem(res: FitRes, server_round: int, shapes: list[tuple[int, ...]])
 
 
 class ValidatedReplies(StrategyWrapper):
-    """Delegates to `inner` after dropping malformed replies; `audit` describes the last training round."""
+    """Delegates to `inner` after dropping malformed replies; writes what it saw into the round's record."""
 
     def __init__(self, inner: Strategy, initial: Parameters, *, min_replies: int, max_weight: int) -> None:
         super().__init__(inner)
         self.shapes = [a.shape for a in parameters_to_ndarrays(initial)]
         self.min_replies = min_replies
         self.max_weight = max_weight
-        self.audit = RoundAudit()
+        self.record = RoundRecord(0)
+        """The current round's record: the round loop hands each round's to `begin`."""
 
-    def configure_fit(self, server_round, parameters, client_manager):
-        self.audit = RoundAudit()  # a new round: nothing dropped yet
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+    def begin(self, record: RoundRecord) -> None:
+        self.record = record
 
     def _drop(self, server_round: int, proxy: ClientProxy, res: FitRes | EvaluateRes, why: str) -> None:
         line = f"node {proxy.cid} (client {res.metrics.get('client', '?')}): {why}"
-        log(WARNING, "round %d: dropped the reply of %s", server_round, line)
-        self.audit.dropped.append(line)
+        log(logging.WARNING, "round %d: dropped the reply of %s", server_round, line)
+        self.record.dropped.append(line)
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict]:
@@ -90,16 +77,20 @@ class ValidatedReplies(StrategyWrapper):
             seen.add(proxy.cid)
             res.num_examples = min(res.num_examples, self.max_weight)  # a claimed weight is only a claim
             valid.append((proxy, res))
+        # Their privacy is spent whether or not the round publishes: keep what they reported either way.
+        self.record.trained = [dict(res.metrics, num_examples=res.num_examples) for _, res in valid]
         if len(valid) < self.min_replies:
-            log(WARNING, "round %d abandoned: %d valid replies, server.min_replies=%d; the global adapter is "
-                "unchanged", server_round, len(valid), self.min_replies)
-            self.audit.abandoned = True
-            if valid:
-                self.audit.metrics = fit_metrics([(res.num_examples, res.metrics) for _, res in valid])
+            reason = f"{len(valid)} valid replies, server.min_replies={self.min_replies}"
+            log(logging.WARNING, "round %d abandoned: %s; the global adapter is unchanged", server_round, reason)
+            self.record.abandon("aggregate", reason)
             return None, {}
         aggregated, metrics = self.inner.aggregate_fit(server_round, valid, failures)
-        if aggregated is not None:  # FedAdam's float64 step size and SecAgg+'s sum would double every download
-            aggregated = ndarrays_to_parameters([a.astype(np.float32) for a in parameters_to_ndarrays(aggregated)])
+        if aggregated is None:
+            self.record.abandon("aggregate", f"strategy {type(self.inner).__name__} produced no aggregate")
+            return None, {}
+        self.record.aggregated, self.record.aggregate = True, dict(metrics)
+        # FedAdam's float64 step size and SecAgg+'s sum would double every download
+        aggregated = ndarrays_to_parameters([a.astype(np.float32) for a in parameters_to_ndarrays(aggregated)])
         return aggregated, metrics
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list):
@@ -109,4 +100,12 @@ class ValidatedReplies(StrategyWrapper):
                 valid.append((proxy, res))
             else:
                 self._drop(server_round, proxy, res, f"evaluation loss {res.loss!r} over {res.num_examples!r} tokens")
+        self.record.evaluated = [dict(res.metrics, loss=float(res.loss), tokens=res.num_examples) for _, res in valid]
         return self.inner.aggregate_evaluate(server_round, valid, failures) if valid else (None, {})
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        result = self.inner.evaluate(server_round, parameters)
+        if result is not None:
+            loss, metrics = result
+            self.record.central = {"loss": float(loss), **metrics}
+        return result
