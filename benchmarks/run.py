@@ -124,8 +124,7 @@ def federation(work: Path, quick: bool, facts: dict) -> list[str]:
     client_s = sum(r["client_train_seconds"] for r in rounds)
     # Clients that can train at once: Ray gives each cpus_per_client of the machine's cores.
     slots = max(1, min((os.cpu_count() or 1) // fed.cpus_per_client, fed.clients_per_round))
-    # Rows carry no token count; packed rows are full except a client's last one, so this is within ~1 %.
-    fed_tokens = sum(r["clients_ok"] for r in rounds) * t.local_steps * t.batch_size * settings.dataset.seq_len
+    fed_tokens = sum(r["train_tokens"] for r in rounds)  # what the clients reported training on
     down = statistics.mean(r["bytes_down"] for r in rounds)
     up = statistics.mean(r["bytes_up"] for r in rounds)
     per_adapter = statistics.mean(r["bytes_up"] / r["clients_ok"] for r in rounds)

@@ -118,7 +118,13 @@ def test_the_strategy_only_ever_sees_the_unmasked_aggregate(runs):
 def test_too_many_failures_abandon_the_round_and_keep_the_adapter_bitwise(tmp_path, tiny_llama_dir, many_texts):
     settings = _settings(tmp_path, tiny_llama_dir, many_texts, "abandoned", secagg=True)
     outcome = simulate(settings, client_mods=(FailTraining(set(range(CLIENTS - 2))),))  # 2 of 10 survive
-    assert outcome.rows[1]["clients_ok"] == 0
+    row = outcome.rows[1]
+    assert row["clients_ok"] == 0 and row["clients_failed"] == CLIENTS - 2
+    # Flower only logs "Secure aggregation halted."; the record names the stage and why.
+    assert row["abandoned"] and row["abandoned_stage"] == "secagg collect-masked-vectors (local training)"
+    assert row["abandoned_reason"].startswith("SecAgg+ halted: 2 of 10 clients still active")
+    assert "WARNING: 1 of 1 rounds were abandoned (rounds 1)" in outcome.summary()
+    assert "1 of 1 rounds were abandoned and changed nothing" in (outcome.output_dir / "report.md").read_text()
     initial = adapter_to_arrays(apply_lora(load_base_model(ModelSettings(name_or_path=str(tiny_llama_dir)))[0],
                                            LoraSettings(), seed=settings.seed))
     final = load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors")
