@@ -7,6 +7,7 @@ from typing import Callable
 from flwr.common import Parameters
 from flwr.server.strategy import Strategy
 
+from fedlm.privacy import resolve_delta
 from fedlm.settings import ConfigError, RunSettings
 from strategies.client_dp import ClientLevelDP
 from strategies.fedavg import build_fedavg
@@ -42,7 +43,7 @@ def build_strategy(settings: RunSettings, initial: Parameters, evaluate_fn: Eval
         strategy = ClientLevelDP(strategy, clipping_norm=privacy.update_clipping_norm,
                                  noise_multiplier=privacy.update_noise_multiplier,
                                  sample_rate=fed.clients_per_round / fed.num_clients,
-                                 delta=privacy.delta or min(1e-5, 1 / fed.num_clients))
+                                 delta=resolve_delta(privacy, fed.num_clients))
     return ValidatedReplies(strategy, initial, min_replies=settings.server.min_replies,
                             max_weight=fed.max_client_weight)
 
