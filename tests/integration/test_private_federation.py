@@ -6,7 +6,8 @@ import json
 import pytest
 
 from client.app import LoraClient
-from fedlm.privacy import DECLINES, BudgetExceeded, PrivacyLedger, epsilon_of
+from fedlm.ledger import PrivacyLedger
+from fedlm.privacy import DECLINES, BudgetExceeded, epsilon_of
 from fedlm.settings import RunSettings, settings_from_dict
 from simulations.launch import simulate
 from tests.conftest import make_text
@@ -63,8 +64,8 @@ def test_a_small_budget_declines_exactly_the_round_that_would_exceed_it(budget_r
     assert [(r["clients_ok"], r["clients_declined"]) for r in rows[1:]] == [(2, 0), (2, 0), (1, 1)]
     # One update is never published as the global adapter (server.min_replies), though its privacy was spent.
     assert [r["abandoned"] for r in rows[1:]] == [False, False, True]
-    small_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{small}.json")
-    large_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{large}.json")
+    small_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{small}.json").read()
+    large_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{large}.json").read()
     assert small_ledger.epsilon == pytest.approx(_epsilon(sizes[small], 2), abs=1e-9)
     assert large_ledger.epsilon == pytest.approx(_epsilon(sizes[large], 3), abs=1e-9)
     assert max(small_ledger.epsilon, large_ledger.epsilon) <= settings.privacy.target_epsilon
