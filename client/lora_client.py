@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
 from fedlm.data import ClientData, client_data_path, prepare_device_data
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import PrivacyLedger, calibrate_noise, clip_update, poisson_rate, resolve_delta, train_local_dp
+from fedlm.ledger import LedgerParameters, PrivacyLedger
+from fedlm.privacy import calibrate_noise, clip_update, poisson_rate, resolve_delta, train_local_dp
 from fedlm.protocol import DECLINES, FROZEN_A, PROXIMAL_MU, ROUND, BudgetExceeded
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings
 from fedlm.training import TrainResult, evaluate, perplexity, train_local
@@ -77,9 +78,10 @@ class LoraClient(NumPyClient):
     @property
     def ledger(self) -> PrivacyLedger:
         """The file this client keeps its privacy spend in: the device's state directory, or the run's."""
+        owner = f"client {self.partition_id}"
         if self.node_config.get("state-dir"):
-            return PrivacyLedger(self.state_dir / "privacy_ledger.json")
-        return PrivacyLedger(Path(self.settings.output_dir) / "privacy" / f"client_{self.partition_id}.json")
+            return PrivacyLedger(self.state_dir / "privacy_ledger.json", owner)
+        return PrivacyLedger(Path(self.settings.output_dir) / "privacy" / f"client_{self.partition_id}.json", owner)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         self.load(config)
@@ -118,34 +120,32 @@ class LoraClient(NumPyClient):
         """DP-SGD within the client's lifetime budget; the spend is on disk before the update leaves.
 
         Raises:
-            BudgetExceeded: this round would take the client past its budget, or it already trained it.
+            BudgetExceeded: this round would take the client past its budget, it already trained it, or the
+                run asks for less privacy than this device's floor.
         """
         privacy, train, n = self.settings.privacy, self.settings.train, len(self.data.train)
-        ledger, key = self.ledger, f"run {self.run_id} round {server_round}"
-        if ledger.path.exists():
-            self.check_privacy_floor(ledger.noise_multiplier)
-        else:  # first round ever: fix the noise once, for the whole horizon
+
+        def lifetime_parameters() -> LedgerParameters:  # only for a new ledger: fix the noise once, for the horizon
             rate, delta = poisson_rate(train, n), resolve_delta(privacy, n)
             horizon = (privacy.horizon_rounds or self.settings.federation.rounds) * train.local_steps
             noise = calibrate_noise(privacy, sample_rate=rate, steps=horizon, delta=delta)
-            self.check_privacy_floor(noise)
-            ledger.open(noise_multiplier=noise, sample_rate=rate, delta=delta,
-                        target_epsilon=privacy.target_epsilon, accountant=privacy.accountant)
-        if ledger.has_spent(key):
-            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: it already trained {key} (an instruction "
-                                 "delivered twice is never spent twice)")
-        projected = ledger.projected_epsilon(train.local_steps)
-        if projected > ledger.target_epsilon:
-            raise BudgetExceeded(f"client {self.partition_id} {DECLINES}: it would take its epsilon from "
-                                 f"{ledger.epsilon:.3f} to {projected:.3f}, past its lifetime budget "
-                                 f"{ledger.target_epsilon:g}")
+            self.check_privacy_floor(noise)  # refuse before the ledger fixes a noise this device rejects
+            return LedgerParameters(noise_multiplier=noise, sample_rate=rate, delta=delta,
+                                    target_epsilon=privacy.target_epsilon, accountant=privacy.accountant)
+
+        ledger = self.ledger
+        spend = ledger.begin(f"run {self.run_id} round {server_round}", train.local_steps,
+                             new_parameters=lifetime_parameters)
+        params = spend.parameters
+        if not spend.created:
+            self.check_privacy_floor(params.noise_multiplier)
         # Poisson sampling must stay secret (amplification by subsampling assumes it), so it is not drawn
         # from the run's public seed.
         result = train_local_dp(self.model, self.data.train, self.data.train_mask, train, privacy,
-                                noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate,
+                                noise_multiplier=params.noise_multiplier, sample_rate=params.sample_rate,
                                 seed=secrets.randbits(63), prox_mu=prox_mu)
-        epsilon = ledger.record(key, train.local_steps)
-        return result, {"epsilon": epsilon, "delta": ledger.delta, "noise_multiplier": ledger.noise_multiplier}
+        epsilon = ledger.commit(spend)
+        return result, {"epsilon": epsilon, "delta": params.delta, "noise_multiplier": params.noise_multiplier}
 
     def check_privacy_floor(self, noise_multiplier: float | None) -> None:
         """A device may demand at least some privacy (node config); a run asking for less is refused.

@@ -1,16 +1,15 @@
-"""Sample-level DP-SGD on the adapter: noise calibration, accounting, a durable per-client ledger, Opacus steps."""
+"""Sample-level DP-SGD on the adapter and the accountant: default delta, noise calibration, epsilon, Opacus steps.
+
+The durable per-client ledger that spends epsilon lives in fedlm/ledger.py."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,28 +25,25 @@ from torch import nn  # noqa: E402
 for _handler in logging.root.handlers[len(_root_handlers):]:
     logging.root.removeHandler(_handler)
 
-from fedlm.files import write_atomic
-from fedlm.protocol import DECLINES, BudgetExceeded
 from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
 from fedlm.training import TrainResult, autocast, proximal_gradient, resolve_precision, sequence_losses
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no inter-process lock, the atomic write still holds
-    fcntl = None
 
 log = logging.getLogger(__name__)
 
 History = list[tuple[float, float, int]]
 """(noise_multiplier, sample_rate, steps) entries of Poisson-subsampled Gaussian steps."""
 
-LEDGER_VERSION = 1
 _PRV_MAX_EPSILON = 100.0
 
 
-def resolve_delta(settings: PrivacySettings, n_train: int) -> float:
-    """The configured delta, or min(1e-5, 1/n) for a client holding n training sequences."""
-    return settings.delta if settings.delta > 0 else min(1e-5, 1.0 / max(n_train, 1))
+def resolve_delta(settings: PrivacySettings, n: int) -> float:
+    """The configured delta, or min(1e-5, 1/n) over `n` protected units when `privacy.delta` is 0.
+
+    The one home of the default: n is a client's training sequences for sample-level DP-SGD, and the number
+    of clients for client-level DP. delta must stay well below 1/n, since a mechanism that leaks one unit in
+    full with probability delta is (0, delta)-DP; 1e-5 is the customary ceiling for small n.
+    """
+    return settings.delta if settings.delta > 0 else min(1e-5, 1.0 / max(n, 1))
 
 
 def poisson_rate(train: TrainSettings, n_train: int) -> float:
@@ -145,140 +141,6 @@ def calibrate_noise(settings: PrivacySettings, *, sample_rate: float, steps: int
     return high
 
 
-class PrivacyLedger:
-    """A client's durable privacy account: one JSON file the client owns."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    # -- reading --------------------------------------------------------------------------------------
-    def _corrupt(self, reason: object) -> ConfigError:
-        return ConfigError(
-            f"privacy ledger {self.path} is unreadable or corrupt ({reason}). It records the privacy budget "
-            "this client has already spent: do not delete it lightly, since a new ledger starts again from "
-            "epsilon 0 and the client could exceed its lifetime budget. Restore it from a backup, or delete "
-            "it only if this client's data has never been trained on.")
-
-    def _load(self) -> dict:
-        try:
-            state = json.loads(self.path.read_text())
-            params, history = state["parameters"], state["history"]
-            if state["version"] != LEDGER_VERSION:
-                raise ValueError(f"version {state['version']!r}, this Pollinate reads {LEDGER_VERSION}")
-            numbers = ("noise_multiplier", "sample_rate", "delta", "target_epsilon")
-            if not all(isinstance(params[k], (int, float)) and params[k] > 0 for k in numbers):
-                raise ValueError("bad parameters")
-            if params["accountant"] not in ACCOUNTANTS or not isinstance(history, list):
-                raise ValueError("bad accountant or history")
-            for e in history:
-                if not (isinstance(e["key"], str) and isinstance(e["steps"], int) and all(
-                        isinstance(e[k], (int, float)) for k in ("noise_multiplier", "sample_rate", "epsilon"))):
-                    raise ValueError(f"bad history entry {e!r}")
-        except FileNotFoundError:
-            raise RuntimeError(f"privacy ledger {self.path} does not exist: call open() first") from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise self._corrupt(err) from None
-        return state
-
-    noise_multiplier = property(lambda self: float(self._load()["parameters"]["noise_multiplier"]))
-    sample_rate = property(lambda self: float(self._load()["parameters"]["sample_rate"]))
-    delta = property(lambda self: float(self._load()["parameters"]["delta"]))
-    target_epsilon = property(lambda self: float(self._load()["parameters"]["target_epsilon"]))
-
-    @property
-    def epsilon(self) -> float:
-        """Cumulative epsilon over everything recorded (0 before the first record)."""
-        history = self._load()["history"]
-        return float(history[-1]["epsilon"]) if history else 0.0
-
-    @staticmethod
-    def _epsilon_after(state: dict, steps: int) -> float:
-        params = state["parameters"]
-        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in state["history"]]
-        return epsilon_of(history + [(params["noise_multiplier"], params["sample_rate"], steps)],
-                          params["delta"], params["accountant"])
-
-    def projected_epsilon(self, steps: int) -> float:
-        """The cumulative epsilon if `steps` more steps at the ledger's noise and rate were recorded."""
-        return self._epsilon_after(self._load(), steps)
-
-    def has_spent(self, key: str) -> bool:
-        """Whether the instruction `key` (e.g. "run:round") has already been recorded."""
-        return any(entry["key"] == key for entry in self._load()["history"])
-
-    # -- writing --------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive lock on the ledger's directory (two processes never interleave a read-modify-write)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            if fcntl is not None:
-                fcntl.flock(dir_fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(dir_fd)  # releases the lock
-
-    def _write(self, state: dict) -> None:
-        # A crash at any point leaves either the old or the new file, never a torn one. A writer killed before
-        # its rename leaves a temporary file behind; readers never look at it, and since every writer of this
-        # ledger holds the lock, any one present now is such a leftover.
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-        write_atomic(self.path, lambda f: f.write(json.dumps(state, indent=1).encode()))
-
-    def open(self, *, noise_multiplier: float, sample_rate: float, delta: float, target_epsilon: float,
-             accountant: str) -> None:
-        """Create the ledger with these parameters, or keep the stored ones if it exists.
-
-        The parameters are fixed for the client's lifetime: later calls never change them, so callers
-        must use `ledger.noise_multiplier` etc. rather than what they passed.
-
-        Raises:
-            ValueError: invalid parameters for a new ledger.
-            ConfigError: the existing file is corrupt.
-        """
-        with self._locked():
-            if self.path.exists():
-                stored = self._load()["parameters"]
-                if stored["noise_multiplier"] != noise_multiplier or stored["sample_rate"] != sample_rate:
-                    log.info("privacy ledger %s keeps its lifetime parameters (noise %.4g, rate %.4g)",
-                             self.path, stored["noise_multiplier"], stored["sample_rate"])
-                return
-            if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and 0 < delta < 1 and target_epsilon > 0):
-                raise ValueError(f"invalid ledger parameters: noise_multiplier={noise_multiplier}, "
-                                 f"sample_rate={sample_rate}, delta={delta}, target_epsilon={target_epsilon}")
-            if accountant not in ACCOUNTANTS:
-                raise ValueError(f"accountant={accountant!r} is unknown; choose one of {list(ACCOUNTANTS)}")
-            params = {"noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
-                      "delta": float(delta), "target_epsilon": float(target_epsilon), "accountant": accountant}
-            self._write({"version": LEDGER_VERSION, "parameters": params, "history": []})
-
-    def record(self, key: str, steps: int) -> float:
-        """Append `steps` steps at the ledger's noise and rate under `key`; returns the new cumulative epsilon.
-
-        Record before releasing the update that spent them: a crash then over-counts, never under-counts.
-
-        Raises:
-            BudgetExceeded: `key` is already recorded (never spent twice).
-            ConfigError: the file is corrupt.
-        """
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0 (got {steps})")
-        with self._locked():
-            state = self._load()  # re-read under the lock: another process may have recorded since
-            if any(entry["key"] == key for entry in state["history"]):
-                # e.g. one instruction delivered to two processes at once: the second must not send its update
-                raise BudgetExceeded(f"{DECLINES}: privacy ledger {self.path} already holds {key!r}: it is never "
-                                     "spent twice")
-            params, eps = state["parameters"], self._epsilon_after(state, steps)
-            state["history"].append({"key": key, "noise_multiplier": params["noise_multiplier"],
-                                     "sample_rate": params["sample_rate"], "steps": int(steps), "epsilon": eps})
-            self._write(state)
-        return eps
-
-
 def poisson_batches(n_rows: int, sample_rate: float, steps: int, seed: int) -> list[torch.Tensor]:
     """The rows of each step: every row joins a step independently with probability `sample_rate`."""
     generator = torch.Generator().manual_seed(seed)
@@ -307,7 +169,7 @@ def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.
 
     Batches are Poisson samples (rate `sample_rate`, rows drawn from `seed`); each step adds Gaussian noise of
     std `noise_multiplier * privacy.max_grad_norm` to the sum of clipped per-sequence gradients and divides by
-    the expected batch size. The caller accounts the steps (PrivacyLedger.record). `make_optimizer` defaults
+    the expected batch size. The caller accounts the steps (fedlm.ledger.PrivacyLedger). `make_optimizer` defaults
     to AdamW as in `train_local`; the model is left as it was found (no hooks, no per-sample state).
     `prox_mu` > 0 adds FedProx's proximal gradient after clipping and noise (free of privacy cost).
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from fedlm.privacy import BudgetExceeded, PrivacyLedger
+from fedlm.ledger import PrivacyLedger
+from fedlm.protocol import BudgetExceeded
 from tests.fedlm.ledger_writer import PARAMS, spend_rounds
 
 KILLS = 25
-# Children fork from a server that has imported fedlm.privacy once (about 4 s): a fresh interpreter per kill
+# Children fork from a server that has imported fedlm.ledger (and so fedlm.privacy) once (about 4 s): a fresh interpreter per kill
 # would make this test minutes long. Each child is still a separate process, killed for real.
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(["tests.fedlm.ledger_writer"])
@@ -53,11 +54,12 @@ def assert_consistent(ledger: Path, report: Path) -> list[str]:
     epsilons = [entry["epsilon"] for entry in stored["history"]]
     assert all(a < b for a, b in zip(epsilons, epsilons[1:])), "epsilon went down"
     fresh = PrivacyLedger(ledger)
-    assert fresh.epsilon == (epsilons[-1] if epsilons else 0.0)
-    assert fresh.noise_multiplier == PARAMS["noise_multiplier"]
+    state = fresh.read()
+    assert state.epsilon == (epsilons[-1] if epsilons else 0.0)
+    assert state.parameters == PARAMS
     if keys:
         with pytest.raises(BudgetExceeded, match="never spent twice"):
-            fresh.record(keys[-1], 1)
+            fresh.begin(keys[-1], 1)
     return keys
 
 

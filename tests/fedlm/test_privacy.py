@@ -1,4 +1,5 @@
-"""DP-SGD on the adapter (clipping, noise, empty batches, reuse), noise calibration and the privacy ledger."""
+"""DP-SGD on the adapter (clipping, noise, empty batches, reuse), noise calibration, and the privacy ledger
+(fedlm/ledger.py) spent as begin/commit."""
 
 import json
 import math
@@ -14,10 +15,13 @@ import torch
 from dp_accounting.pld import PLDAccountant
 from opacus.optimizers import DPOptimizer
 
+import fedlm.ledger as ledger_mod
 import fedlm.privacy as privacy_mod
+from fedlm.ledger import LedgerParameters, PrivacyLedger
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import (BudgetExceeded, PrivacyLedger, clip_update, calibrate_noise, epsilon_of, poisson_batches, poisson_rate,
+from fedlm.privacy import (calibrate_noise, clip_update, epsilon_of, poisson_batches, poisson_rate,
                            resolve_delta, train_local_dp)
+from fedlm.protocol import BudgetExceeded
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, PrivacySettings, TrainSettings
 from fedlm.training import sequence_losses, train_local
 
@@ -226,59 +230,158 @@ def test_calibrated_noise_meets_the_target_closely_and_grows_with_the_horizon():
 
 # -- ledger ----------------------------------------------------------------------------------------------
 
-PARAMS = dict(noise_multiplier=1.0, sample_rate=0.25, delta=1e-5, target_epsilon=20.0, accountant="prv")
+PARAMS = LedgerParameters(noise_multiplier=1.0, sample_rate=0.25, delta=1e-5, target_epsilon=20.0, accountant="prv")
+
+
+def spend(ledger, key, steps=10, params=PARAMS):
+    """One round as a client spends it: begin, (train), commit; returns the committed epsilon."""
+    return ledger.commit(ledger.begin(key, steps, new_parameters=lambda: params))
 
 
 def test_ledger_composes_rounds_exactly_across_restarts_and_processes(tmp_path):
     path = tmp_path / "client" / "ledger.json"
-    PrivacyLedger(path).open(**PARAMS)
     for rnd in (1, 2):
-        ledger = PrivacyLedger(path)  # a fresh object each round, as after a restart
-        ledger.open(**PARAMS)
-        ledger.record(f"run:{rnd}", 10)
-    projected = PrivacyLedger(path).projected_epsilon(10)
-    code = ("import sys; from pathlib import Path; from fedlm.privacy import PrivacyLedger; "
+        spend(PrivacyLedger(path), f"run:{rnd}")  # a fresh object each round, as after a restart
+    projected = PrivacyLedger(path).begin("run:3", 10).projected_epsilon
+    code = ("import sys; from pathlib import Path; from fedlm.ledger import LedgerParameters, PrivacyLedger; "
             "l = PrivacyLedger(Path(sys.argv[1])); "
-            "l.open(noise_multiplier=9.0, sample_rate=0.5, delta=1e-3, target_epsilon=1.0, accountant='rdp'); "
-            "print(l.record('run:3', 10))")
+            "new = lambda: LedgerParameters(9.0, 0.5, 1e-3, 1.0, 'rdp'); "
+            "print(l.commit(l.begin('run:3', 10, new_parameters=new)))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(projected, abs=1e-9)
-    ledger = PrivacyLedger(path)
+    state = PrivacyLedger(path).read()
     want = pld_epsilon(1.0, 0.25, 30, 1e-5)
-    assert -1e-3 <= ledger.epsilon - want <= 1e-2  # never under the exact value, at most 0.01 over
+    assert -1e-3 <= state.epsilon - want <= 1e-2  # never under the exact value, at most 0.01 over
+    assert state.parameters == PARAMS  # the other process's parameters were not taken
     stored = json.loads(path.read_text())
-    assert stored["version"] == 1 and stored["parameters"]["noise_multiplier"] == 1.0
+    assert stored["version"] == 1 and stored["parameters"] == {
+        "noise_multiplier": 1.0, "sample_rate": 0.25, "delta": 1e-5, "target_epsilon": 20.0, "accountant": "prv"}
     assert [e["key"] for e in stored["history"]] == ["run:1", "run:2", "run:3"]
+    assert [e["steps"] for e in stored["history"]] == [10, 10, 10]
     assert stored["history"][0]["epsilon"] < stored["history"][1]["epsilon"] < stored["history"][2]["epsilon"]
 
 
 def test_an_instruction_delivered_twice_is_spent_once(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "ledger.json")
-    ledger.open(**PARAMS)
-    eps = ledger.record("run:1", 10)
-    assert ledger.has_spent("run:1") and not ledger.has_spent("run:2")
-    with pytest.raises(BudgetExceeded, match="run:1"):
-        PrivacyLedger(tmp_path / "ledger.json").record("run:1", 10)
-    assert PrivacyLedger(tmp_path / "ledger.json").epsilon == eps
-    assert len(json.loads((tmp_path / "ledger.json").read_text())["history"]) == 1
+    path = tmp_path / "ledger.json"
+    eps = spend(PrivacyLedger(path, owner="client 7"), "run:1")
+    with pytest.raises(BudgetExceeded, match="client 7 declines to train this round: it already trained 'run:1'"):
+        PrivacyLedger(path, owner="client 7").begin("run:1", 10)
+    # The same instruction reaching two processes at once: both begin, the second commit is refused.
+    first, second = PrivacyLedger(path).begin("run:2", 10), PrivacyLedger(path).begin("run:2", 10)
+    eps2 = PrivacyLedger(path).commit(first)
+    with pytest.raises(BudgetExceeded, match="'run:2'.*never spent twice"):
+        PrivacyLedger(path).commit(second)
+    state = PrivacyLedger(path).read()
+    assert [e["key"] for e in state.history] == ["run:1", "run:2"] and state.epsilon == eps2 > eps
+    assert state.has_spent("run:2") and not state.has_spent("run:3")
 
 
-def test_open_keeps_the_lifetime_parameters(tmp_path):
-    PrivacyLedger(tmp_path / "ledger.json").open(**PARAMS)
-    ledger = PrivacyLedger(tmp_path / "ledger.json")
-    ledger.open(**{**PARAMS, "noise_multiplier": 0.3, "sample_rate": 0.9, "delta": 1e-3, "target_epsilon": 2.0})
-    assert (ledger.noise_multiplier, ledger.sample_rate, ledger.delta, ledger.target_epsilon) == (1.0, 0.25, 1e-5, 20.0)
-    assert ledger.epsilon == 0.0
+def test_new_parameters_are_fixed_once_for_the_ledgers_lifetime(tmp_path):
+    path, calls = tmp_path / "ledger.json", []
+
+    def calibrate(params):
+        def make():
+            calls.append(params)
+            return params
+        return make
+
+    with pytest.raises(FileNotFoundError, match="new_parameters"):
+        PrivacyLedger(path).begin("run:1", 10)
+    first = PrivacyLedger(path).begin("run:1", 10, new_parameters=calibrate(PARAMS))
+    assert first.created and first.parameters == PARAMS and first.epsilon == 0.0 and path.exists()
+    other = LedgerParameters(noise_multiplier=0.3, sample_rate=0.9, delta=1e-3, target_epsilon=2.0)
+    again = PrivacyLedger(path).begin("run:1", 10, new_parameters=calibrate(other))
+    assert not again.created and again.parameters == PARAMS and calls == [PARAMS]  # calibrated only once
+    assert PrivacyLedger(path).read().history == ()  # begin alone spends nothing
+
+
+def test_a_refusal_while_creating_writes_no_ledger(tmp_path):
+    path = tmp_path / "ledger.json"
+
+    def below_the_floor():
+        raise BudgetExceeded("client 0 declines to train this round: below this device's floor")
+
+    with pytest.raises(BudgetExceeded, match="floor"):
+        PrivacyLedger(path).begin("run:1", 10, new_parameters=below_the_floor)
+    with pytest.raises(ValueError, match="sample_rate=1.5"):
+        PrivacyLedger(path).begin("run:1", 10, new_parameters=lambda: LedgerParameters(1.0, 1.5, 1e-5, 8.0))
+    with pytest.raises(ValueError, match="accountant='gdp' is unknown"):
+        LedgerParameters(1.0, 0.5, 1e-5, 8.0, "gdp")
+    assert not path.exists()
+
+
+def test_a_round_past_the_budget_is_refused_before_training(tmp_path):
+    path = tmp_path / "ledger.json"
+    one_round, two_rounds = epsilon_of([(1.0, 0.25, 10)], 1e-5), epsilon_of([(1.0, 0.25, 20)], 1e-5)
+    budget = round((one_round + two_rounds) / 2, 3)  # room for one round, not two
+    tight = LedgerParameters(noise_multiplier=1.0, sample_rate=0.25, delta=1e-5, target_epsilon=budget)
+    eps = spend(PrivacyLedger(path, owner="client 2"), "run:1", params=tight)
+    assert eps == pytest.approx(one_round, abs=1e-9)
+    with pytest.raises(BudgetExceeded) as refusal:
+        PrivacyLedger(path, owner="client 2").begin("run:2", 10)
+    assert str(refusal.value) == (f"client 2 declines to train this round: it would take its epsilon from "
+                                  f"{eps:.3f} to {two_rounds:.3f}, past its lifetime budget {budget:g}")
+    assert [e["key"] for e in PrivacyLedger(path).read().history] == ["run:1"]
+
+
+def test_commit_recomputes_only_when_another_spend_came_first_and_withholds_an_update_past_the_budget(tmp_path):
+    path = tmp_path / "ledger.json"
+    one, two = epsilon_of([(1.0, 0.25, 10)], 1e-5), epsilon_of([(1.0, 0.25, 20)], 1e-5)
+    params = LedgerParameters(noise_multiplier=1.0, sample_rate=0.25, delta=1e-5, target_epsilon=(one + two) / 2)
+    a = PrivacyLedger(path).begin("run:1", 10, new_parameters=lambda: params)
+    b = PrivacyLedger(path).begin("run:2", 10)  # another process, same history: both fit on their own
+    assert a.projected_epsilon == b.projected_epsilon == pytest.approx(one, abs=1e-9)
+    assert PrivacyLedger(path).commit(a) == a.projected_epsilon
+    with pytest.raises(BudgetExceeded, match=f"to {two:.3f}, past its lifetime budget"):
+        PrivacyLedger(path).commit(b)
+    # The steps b took are recorded all the same (over-count, never under-count), at the recomputed epsilon.
+    history = PrivacyLedger(path).read().history
+    assert [e["key"] for e in history] == ["run:1", "run:2"]
+    assert history[1]["epsilon"] == pytest.approx(two, abs=1e-9) and history[1]["epsilon"] != b.projected_epsilon
+
+
+def test_one_round_parses_the_ledger_at_most_twice_and_runs_the_accountant_once(tmp_path, monkeypatch):
+    path = tmp_path / "ledger.json"
+    spend(PrivacyLedger(path), "run:1")  # an existing ledger with history: the usual round
+    counts = {"parse": 0, "epsilon_of": 0, "prv": 0}
+
+    def counting(name, real):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    real_accountant = privacy_mod._accountant_epsilon
+
+    def accountant(history, delta, mechanism):
+        counts["prv"] += mechanism == "prv"
+        return real_accountant(history, delta, mechanism)
+
+    monkeypatch.setattr(json, "loads", counting("parse", json.loads))
+    monkeypatch.setattr(ledger_mod, "epsilon_of", counting("epsilon_of", ledger_mod.epsilon_of))
+    monkeypatch.setattr(privacy_mod, "_accountant_epsilon", accountant)
+    ledger = PrivacyLedger(path)
+    s = ledger.begin("run:2", 10)
+    assert (counts["parse"], counts["epsilon_of"], counts["prv"]) == (1, 1, 1)
+    eps = ledger.commit(s)
+    assert (counts["parse"], counts["epsilon_of"], counts["prv"]) == (2, 1, 1)
+    monkeypatch.undo()
+    assert eps == s.projected_epsilon == PrivacyLedger(path).read().epsilon > 0
 
 
 @pytest.mark.parametrize("content", ["{not json", "", json.dumps({"version": 1, "history": []}),
-                                     json.dumps({"version": 1, "parameters": {**PARAMS, "sample_rate": "x"},
-                                                 "history": []})])
+                                     json.dumps({"version": 2, "parameters": PARAMS.as_json(), "history": []}),
+                                     json.dumps({"version": 1, "parameters": {**PARAMS.as_json(), "sample_rate": "x"},
+                                                 "history": []}),
+                                     json.dumps({"version": 1, "parameters": PARAMS.as_json(),
+                                                 "history": [{"key": "run:1", "steps": 1.5}]})])
 def test_a_corrupt_ledger_is_an_error_naming_the_file_never_a_reset(tmp_path, content):
     path = tmp_path / "ledger.json"
+    begun = PrivacyLedger(path).begin("run:1", 5, new_parameters=lambda: PARAMS)  # then the file is damaged
     path.write_text(content)
-    for call in (lambda l: l.open(**PARAMS), lambda l: l.epsilon, lambda l: l.record("run:1", 5)):
+    for call in (lambda l: l.begin("run:1", 5, new_parameters=lambda: PARAMS), lambda l: l.read(),
+                 lambda l: l.commit(begun)):
         with pytest.raises(ConfigError, match="do not delete it lightly") as err:
             call(PrivacyLedger(path))
         assert str(path) in str(err.value)
@@ -288,21 +391,32 @@ def test_a_corrupt_ledger_is_an_error_naming_the_file_never_a_reset(tmp_path, co
 def test_a_crash_before_the_rename_leaves_the_previous_ledger_intact(tmp_path, monkeypatch):
     path = tmp_path / "ledger.json"
     ledger = PrivacyLedger(path)
-    ledger.open(**PARAMS)
-    eps = ledger.record("run:1", 10)
+    eps = spend(ledger, "run:1")
     before = path.read_text()
+    begun = ledger.begin("run:2", 10)
 
     def crash(src, dst):
         raise OSError("simulated power loss")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="power loss"):
-        ledger.record("run:2", 10)
+        ledger.commit(begun)
     monkeypatch.undo()
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+    (tmp_path / ".ledger.json.killed.tmp").write_text("{half")  # what a writer killed before its rename leaves
     reopened = PrivacyLedger(path)
-    assert reopened.epsilon == eps and not reopened.has_spent("run:2")
-    assert reopened.record("run:2", 10) > eps
+    assert reopened.read().epsilon == eps and not reopened.read().has_spent("run:2")
+    assert spend(reopened, "run:2") > eps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json"]
+
+
+def test_a_ledger_removed_while_training_is_an_error_not_a_new_ledger(tmp_path):
+    path = tmp_path / "ledger.json"
+    begun = PrivacyLedger(path).begin("run:1", 5, new_parameters=lambda: PARAMS)
+    path.unlink()
+    with pytest.raises(ConfigError, match="disappeared between begin"):
+        PrivacyLedger(path).commit(begun)
+    assert not path.exists()
 
 
 def test_clip_update_scales_the_whole_update_down_never_up():

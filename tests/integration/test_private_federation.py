@@ -6,7 +6,9 @@ import json
 import pytest
 
 from client.lora_client import LoraClient
-from fedlm.privacy import DECLINES, BudgetExceeded, PrivacyLedger, epsilon_of
+from fedlm.ledger import PrivacyLedger
+from fedlm.privacy import epsilon_of
+from fedlm.protocol import DECLINES, BudgetExceeded
 from fedlm.settings import RunSettings, settings_from_dict
 from simulations.launch import simulate
 from tests.conftest import make_text
@@ -66,8 +68,8 @@ def test_a_small_budget_declines_exactly_the_round_that_would_exceed_it(budget_r
     assert "past its lifetime budget" in rows[3]["declined"][0]["reason"]
     # One update is never published as the global adapter (server.min_replies), though its privacy was spent.
     assert [r["abandoned"] for r in rows[1:]] == [False, False, True]
-    small_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{small}.json")
-    large_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{large}.json")
+    small_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{small}.json").read()
+    large_ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{large}.json").read()
     assert small_ledger.epsilon == pytest.approx(_epsilon(sizes[small], 2), abs=1e-9)
     assert large_ledger.epsilon == pytest.approx(_epsilon(sizes[large], 3), abs=1e-9)
     assert max(small_ledger.epsilon, large_ledger.epsilon) <= settings.privacy.target_epsilon
