@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from fedlm.flower_process import answers_tls, flower_env, flower_executable, split_address as _split_address
 from fedlm.settings import ConfigError
 
 PROBE_SECONDS = 5.0
@@ -88,10 +87,10 @@ def check_ca(path: Path) -> None:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--superlink {address!r} must be HOST:PORT, e.g. server.example.org:9092")
-    return host.strip("[]"), int(port)
+    try:
+        return _split_address(address)
+    except ValueError:
+        raise ConfigError(f"--superlink {address!r} must be HOST:PORT, e.g. server.example.org:9092") from None
 
 
 def probe_tls(address: str, ca: Path) -> bool:
@@ -102,11 +101,8 @@ def probe_tls(address: str, ca: Path) -> bool:
             server certificate does not name).
     """
     host, port = split_address(address)
-    context = ssl.create_default_context(cafile=str(ca))
     try:
-        with socket.create_connection((host, port), timeout=PROBE_SECONDS) as raw:
-            with context.wrap_socket(raw, server_hostname=host):
-                return True
+        return answers_tls(host, port, ca, timeout=PROBE_SECONDS)  # False: the SuperNode keeps retrying
     except ssl.SSLCertVerificationError as err:
         if "match" in str(err.verify_message or err):
             raise ConfigError(f"the SuperLink's certificate does not name {host!r} ({err.verify_message}); connect "
@@ -114,8 +110,6 @@ def probe_tls(address: str, ca: Path) -> bool:
                               f"--names {host},...") from None
         raise ConfigError(f"the SuperLink at {address} presented a certificate that --ca {ca} did not sign "
                           f"({err.verify_message}); {WRONG_CA_HINT}") from None
-    except (OSError, ssl.SSLError):
-        return False  # not up yet, or away: the SuperNode keeps retrying
 
 
 def node_config(args: argparse.Namespace) -> str:
@@ -127,7 +121,7 @@ def node_config(args: argparse.Namespace) -> str:
 
 
 def supernode_command(args: argparse.Namespace) -> list[str]:
-    command = [str(Path(sys.executable).with_name("flower-supernode")), "--superlink", args.superlink,
+    command = [flower_executable("flower-supernode"), "--superlink", args.superlink,
                "--root-certificates", str(args.ca.resolve()), "--auth-supernode-private-key", str(args.key.resolve()),
                "--node-config", node_config(args), "--port", str(args.runtime_port)]
     if args.trusted_entities:
@@ -158,14 +152,6 @@ def check_inputs(args: argparse.Namespace) -> None:
                           "user owns (it keeps the privacy ledger)") from None
 
 
-def supernode_env(args: argparse.Namespace) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str((args.state_dir / "flwr").resolve()), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            # The SuperNode starts flower-superexec and flwr-clientapp by name: from this Python's environment.
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
 class SuperNodeRunner:
     """Runs the SuperNode, forwards stop signals to it, and explains the failures a device owner can fix."""
 
@@ -182,7 +168,8 @@ class SuperNodeRunner:
             self.child.send_signal(signum)
 
     def run_once(self) -> tuple[int, str]:
-        self.child = subprocess.Popen(supernode_command(self.args), env=supernode_env(self.args),
+        env = flower_env((self.args.state_dir / "flwr").resolve())  # the SuperNode's own Flower home
+        self.child = subprocess.Popen(supernode_command(self.args), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         seen: list[str] = []
         # A thread, not a loop to end-of-file: the SuperNode's detached SuperExec inherits the pipe and keeps it

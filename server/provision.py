@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedlm.flower_process import flower_env, flower_executable
 from fedlm.settings import ConfigError
 
 DEFAULT_NAMES = ("localhost", "127.0.0.1")
@@ -158,9 +159,8 @@ def set_authorized(pki: Path, name: str, allowed: bool) -> None:
 
 def flwr_cli(args: list[str], flwr_home: Path) -> subprocess.CompletedProcess:
     """Run the Flower CLI against the connection `pollinate` kept in `flwr_home` (see write_connection)."""
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    flwr = Path(sys.executable).with_name("flwr")
-    return subprocess.run([str(flwr), *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([flower_executable("flwr"), *args], env=flower_env(flwr_home), capture_output=True,
+                          text=True, timeout=60)
 
 
 def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
@@ -182,10 +182,20 @@ def _cli_json(args: list[str], flwr_home: Path) -> dict:
     return reply
 
 
+def supernode_statuses(flwr_home: Path) -> dict[int, str]:
+    """`flwr supernode list`: the status (registered, online, offline, unregistered) of every SuperNode id.
+
+    Raises:
+        RuntimeError: the SuperLink could not be reached or refused the request.
+    """
+    nodes = _cli_json(["supernode", "list"], flwr_home).get("nodes", [])
+    return {int(n["node-id"]): n.get("status", "") for n in nodes}
+
+
 def live_node_ids(flwr_home: Path) -> set[int]:
     """Ids of the SuperNodes the running SuperLink accepts (registered, online or offline)."""
-    nodes = _cli_json(["supernode", "list"], flwr_home).get("nodes", [])
-    return {int(n["node-id"]) for n in nodes if n.get("status") in ("registered", "online", "offline")}
+    statuses = supernode_statuses(flwr_home)
+    return {node_id for node_id, status in statuses.items() if status in ("registered", "online", "offline")}
 
 
 def sync_registrations(pki: Path, flwr_home: Path) -> dict[str, int]:

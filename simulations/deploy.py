@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,9 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedlm.files import write_atomic
+from fedlm.flower_process import answers_tls, flower_env, flower_executable, split_address
 from fedlm.settings import ConfigError, RunSettings
-from server.provision import authorized, flwr_cli, sync_registrations, write_connection
-from simulations.launch import OFFLINE_ENV, RunOutcome
+from server.provision import authorized, supernode_statuses, sync_registrations, write_connection
+from simulations.launch import RunOutcome
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml [tool.flwr.app]) that is submitted
 PKI_FILES = ("ca.pem", "server.pem", "server.key")
@@ -65,20 +66,11 @@ def check_inputs(settings: RunSettings) -> None:
                           f"device NAME --dir {pki}, then register NAME) or lower federation.num_clients")
 
 
-def _answers_tls(address: str, ca: Path) -> bool:
-    host, _, port = address.rpartition(":")
+def _superlink_answers(address: str, ca: Path) -> bool:
     try:
-        with socket.create_connection((host, int(port)), timeout=2) as raw:
-            with ssl.create_default_context(cafile=str(ca)).wrap_socket(raw, server_hostname=host):
-                return True
-    except (OSError, ssl.SSLError):
-        return False
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    # The SuperLink starts flower-superexec and flwr-serverapp by name: from this Python's environment.
-    return {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return answers_tls(*split_address(address), ca, timeout=2.0)
+    except ssl.SSLCertVerificationError:
+        return False  # as before: after START_TIMEOUT, reported as a SuperLink that did not start
 
 
 @contextmanager
@@ -89,7 +81,7 @@ def superlink(settings: RunSettings) -> Iterator[Path]:
     state.mkdir(parents=True, exist_ok=True)
     home = state / "flwr-home"
     write_connection(home, d.superlink_address, pki / "ca.pem")
-    command = [str(Path(sys.executable).with_name("flower-superlink")),
+    command = [flower_executable("flower-superlink"),
                "--ssl-ca-certfile", str(pki / "ca.pem"), "--ssl-certfile", str(pki / "server.pem"),
                "--ssl-keyfile", str(pki / "server.key"), "--enable-supernode-auth",
                "--database", str(state / "superlink.db"), "--host", d.host, "--port", str(d.port),
@@ -97,11 +89,11 @@ def superlink(settings: RunSettings) -> Iterator[Path]:
     log_path = state / "superlink.log"
     with log_path.open("a") as log_file:
         # Its own process group: stopping it also stops what it started (SuperExec, the ServerApp).
-        process = subprocess.Popen(command, env=flwr_env(home), stdout=log_file, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, env=flower_env(home), stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while not _answers_tls(d.superlink_address, pki / "ca.pem"):
+        while not _superlink_answers(d.superlink_address, pki / "ca.pem"):
             if process.poll() is not None or time.monotonic() > deadline:
                 tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:])
                 raise RuntimeError(f"the SuperLink did not start on {d.host}:{d.port} (see {log_path}):\n{tail}")
@@ -124,11 +116,10 @@ def stop_process_group(process: subprocess.Popen, grace: float = 15.0) -> None:
 
 
 def online_devices(home: Path) -> int:
-    done = flwr_cli(["supernode", "list", "pollinate", "--format", "json"], home)
     try:
-        return sum(n.get("status") == "online" for n in json.loads(done.stdout).get("nodes", []))
-    except json.JSONDecodeError:
-        return 0
+        return sum(status == "online" for status in supernode_statuses(home).values())
+    except RuntimeError:
+        return 0  # the SuperLink did not answer this time: ask again
 
 
 def wait_for_devices(settings: RunSettings, home: Path) -> None:
@@ -150,9 +141,9 @@ def submit(settings: RunSettings, home: Path) -> None:
     out_dir = Path(settings.output_dir)
     run_config = out_dir / "run_config.toml"
     run_config.write_text(f"settings = {json.dumps(settings.to_json())}\n")
-    command = [str(Path(sys.executable).with_name("flwr")), "run", str(APP_DIR), "pollinate",
+    command = [flower_executable("flwr"), "run", str(APP_DIR), "pollinate",
                "--run-config", str(run_config), "--stream"]
-    done = subprocess.run(command, env=flwr_env(home))
+    done = subprocess.run(command, env=flower_env(home))
     if done.returncode != 0:
         raise RuntimeError(f"flwr run exited with code {done.returncode}; see the log above and "
                            f"{Path(settings.deployment.state_dir) / 'superlink.log'}")
@@ -171,7 +162,8 @@ def deploy(settings: RunSettings) -> RunOutcome:
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     load_base_model(settings.model, settings.cache_dir)  # fails here on a bad model; builds `embedded` once
-    (out_dir / "settings.json").write_text(json.dumps(json.loads(settings.to_json()), indent=2))
+    write_atomic(out_dir / "settings.json",  # a reader sees the old file or the new one, whole
+                 lambda f: f.write(json.dumps(json.loads(settings.to_json()), indent=2).encode()))
     start = time.perf_counter()
     with superlink(settings) as home:
         ids = sync_registrations(Path(settings.deployment.pki_dir), home)

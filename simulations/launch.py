@@ -11,20 +11,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlm.flower_process import OFFLINE_ENV
 from fedlm.settings import ConfigError, RunSettings
-
-# Offline and reproducible by default: no telemetry, no update checks, and never let Flower install
-# packages at run time (it would pull a multi-GB CUDA torch).
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",  # tokenizers' threads would fight the clients' torch threads
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # no GPUs here; silences Ray's warning about it
-    # Ray starts workers at nice 15: on a busy machine the simulated clients, which do all the work, starve.
-    "RAY_worker_niceness": "0",
-}
 
 
 class _DropDeprecationNotice(logging.Filter):

@@ -168,6 +168,7 @@ def test_two_rounds_over_tls_with_dp_secagg_a_superlink_restart_and_a_device_kil
     out = Path(settings.output_dir)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
+    assert json.loads((out / "settings.json").read_text())["federation"]["rounds"] == 2  # what the run was given
     assert [r["clients_ok"] for r in rows[1:]] == [3, 2]  # round 2 completed from the two survivors
     assert [r["eval_clients"] for r in rows] == [3, 3, 3]  # carol rejoined for round 2's evaluation
     assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] <= 8.0  # spends accumulate, within budget
