@@ -9,6 +9,7 @@ generator seeded by (seed, r): a resumed run draws the same cohorts with no rand
 
 from __future__ import annotations
 
+import logging
 import random
 
 from flwr.app import Message
@@ -20,7 +21,6 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.criterion import Criterion
 from flwr.serverapp import Grid
 
-WARNING = 30
 IDENTITY_KEY = "client-id"
 
 
@@ -46,7 +46,7 @@ class StableClientManager(SimpleClientManager):
                             group_id="identify") for cid in unknown]
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
             if reply.has_error():
-                log(WARNING, "node %s did not say who it is (%s); it is not sampled this time",
+                log(logging.WARNING, "node %s did not say who it is (%s); it is not sampled this time",
                     reply.metadata.src_node_id, reply.error.reason)
                 continue
             properties = compat.recorddict_to_getpropertiesres(reply.content).properties
@@ -59,7 +59,7 @@ class StableClientManager(SimpleClientManager):
         # A device lost for good must not stall the federation (Flower would wait a day): after the round's
         # timeout go on with those connected; server.min_replies still guards what gets published.
         if not self.wait_for(wanted, timeout=int(self.timeout)):
-            log(WARNING, "round %d: %d clients wanted, %d connected after %.0f s; going on with them",
+            log(logging.WARNING, "round %d: %d clients wanted, %d connected after %.0f s; going on with them",
                 self.server_round, wanted, len(self.clients), self.timeout)
             num_clients = min(num_clients, len(self.clients))
         if num_clients >= len(self.clients) and criterion is None:
@@ -69,7 +69,7 @@ class StableClientManager(SimpleClientManager):
         candidates = [cid for _, cid in known
                       if criterion is None or criterion.select(self.clients[cid])]
         if num_clients > len(candidates):
-            log(WARNING, "round %d: %d clients requested, only %d identified and available", self.server_round,
+            log(logging.WARNING, "round %d: %d clients requested, only %d identified and available", self.server_round,
                 num_clients, len(candidates))
             return []
         rng = random.Random(f"{self.seed}:{self.server_round}")  # str seeds hash stably across processes

@@ -155,13 +155,17 @@ def deploy(settings: RunSettings) -> RunOutcome:
     check_inputs(settings)
     if threading.current_thread() is threading.main_thread():  # systemd's stop: leave through the finally blocks
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    from fedlm.model import check_model, load_tokenizer
+    from server.record import read_metrics
     from simulations.launch import make_offline_safe
-    from fedlm.model import load_base_model
+    from strategies import check_strategy
 
     make_offline_safe()
     out_dir = Path(settings.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    load_base_model(settings.model, settings.cache_dir)  # fails here on a bad model; builds `embedded` once
+    check_strategy(settings)
+    load_tokenizer(settings.model, settings.cache_dir)  # builds `embedded` once, before any device asks for it
+    check_model(settings.model, settings.lora, settings.dataset.seq_len, settings.cache_dir)  # no weights loaded
     write_atomic(out_dir / "settings.json",  # a reader sees the old file or the new one, whole
                  lambda f: f.write(json.dumps(json.loads(settings.to_json()), indent=2).encode()))
     start = time.perf_counter()
@@ -170,8 +174,7 @@ def deploy(settings: RunSettings) -> RunOutcome:
         log(f"authorized devices: {', '.join(f'{n} (node {i})' for n, i in ids.items())}")
         wait_for_devices(settings, home)
         submit(settings, home)
-    metrics = out_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    rows = read_metrics(out_dir) if (out_dir / "metrics.jsonl").exists() else []
     if len(rows) < settings.federation.rounds + 1:
         raise RuntimeError(f"the run ended after {max(len(rows) - 1, 0)} of {settings.federation.rounds} rounds; "
                            f"see the log above and {Path(settings.deployment.state_dir) / 'superlink.log'}")
@@ -180,5 +183,7 @@ def deploy(settings: RunSettings) -> RunOutcome:
                    for p in (outcome.initial_perplexity, outcome.final_perplexity))
     log(f"{len(rows) - 1} rounds in {time.perf_counter() - start:.0f} s. Held-out perplexity {first} -> {last}. "
         f"Outputs: {out_dir}")
+    if outcome.abandoned_rounds:
+        log(outcome.summary().splitlines()[-1])
     return outcome
 
