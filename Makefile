@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-strategies bench-deploy clean
+.PHONY: demo test test-fast bench bench-strategies bench-deploy clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m simulations.run $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP)  # the whole suite, as CI runs it
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)  # the edit loop: unit tests only, no engines, processes or slow tests
+	$(PY) -m pytest -q -m "not integration and not slow" $(ARGS)
 
 bench: $(STAMP)  # every section into BENCHMARKS.md (hours on 2 cores); ARGS="--quick" or ARGS="--only quality,memory"
 	$(PY) benchmarks/run.py $(ARGS)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from fedlm.flower_process import answers_tls, flower_env, flower_executable, split_address as _split_address
 from fedlm.settings import ConfigError
+from fedlm.sources import check_local_text
 
 PROBE_SECONDS = 5.0
 REFUSED_RETRY_SECONDS = 5.0
@@ -45,26 +46,12 @@ def _readable_file(path: Path, flag: str) -> bytes:
 
 
 def check_data(path: Path) -> None:
-    """The device's private text: a folder with non-empty .txt files, or a non-empty .txt/.jsonl file.
+    """The device's private text, read by the same strict readers its training uses (fedlm/sources.py).
 
     Raises:
-        ConfigError: naming the path and what to put there.
+        ConfigError: naming the path (or the file, byte and line) and what to put there.
     """
-    if not path.exists():
-        raise ConfigError(f"--data {path} does not exist; pass this device's text folder, .txt or .jsonl file")
-    if path.is_dir():
-        try:
-            files = [p for p in path.rglob("*.txt") if p.is_file()]
-            empty = all(not p.read_text(encoding="utf-8", errors="replace").strip() for p in files)
-        except OSError as err:
-            raise ConfigError(f"--data {path} is unreadable ({err.strerror}); fix its permissions") from None
-        if not files or empty:
-            raise ConfigError(f"--data {path} holds no non-empty .txt file; put this device's text there")
-        return
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ConfigError(f"--data {path} must be a folder of .txt files, a .txt file or a .jsonl file")
-    if not _readable_file(path, "--data").strip():
-        raise ConfigError(f"--data {path} is empty; put this device's text in it")
+    check_local_text(path, "--data")
 
 
 def check_key(path: Path) -> None:

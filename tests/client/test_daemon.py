@@ -44,9 +44,14 @@ def test_valid_inputs_pass_and_reach_the_node_config(device):
 
 
 @pytest.mark.parametrize("flag, make, message", [
-    ("--data", lambda r: r / "missing", r"--data .*missing does not exist"),
-    ("--data", lambda r: (r / "empty").mkdir() or r / "empty", r"holds no non-empty \.txt file"),
+    ("--data", lambda r: r / "missing", r"--data='.*missing' does not exist"),
+    ("--data", lambda r: (r / "empty").mkdir() or r / "empty", r"--data .*empty holds no \.txt file"),
     ("--data", lambda r: (r / "x.csv").write_text("a") and r / "x.csv", r"must be a folder of \.txt files"),
+    # Strict UTF-8, by the readers training uses: this file passed the daemon before and failed mid-run.
+    ("--data", lambda r: (r / "notes" / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1")) and r / "notes",
+     r"latin1\.txt is not UTF-8 text \(invalid continuation byte at byte 3, line 1\); re-save it as UTF-8"),
+    ("--data", lambda r: (r / "d.jsonl").write_text('{"text": "a"}\n[1, 2]\n') and r / "d.jsonl",
+     r"d\.jsonl, line 2: expected a JSON object, got list"),
     ("--key", lambda r: r / "nokey", r"--key .*nokey does not exist"),
     ("--key", lambda r: (r / "junk").write_text("junk") and r / "junk", r"not an OpenSSH private key"),
     ("--key", lambda r: (r / "rsa").write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
@@ -111,3 +116,17 @@ def test_main_exits_2_before_starting_anything(device, capsys):
     root, argv = device
     assert main(_with(argv, "--key", str(root / "nokey"))) == 2
     assert "Pollinate device: --key" in capsys.readouterr().err
+
+
+@pytest.mark.integration  # starts a fresh interpreter
+def test_checking_a_device_s_data_needs_no_training_stack(tmp_path):
+    """The daemon checks its inputs in seconds: the readers import neither torch nor the model."""
+    import subprocess
+    import sys
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("some text\n")
+    code = ("import sys; from client.daemon import check_data; from pathlib import Path; "
+            "check_data(Path(sys.argv[1])); print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "notes")], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.split() == ["False", "False"]

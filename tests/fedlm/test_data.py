@@ -17,10 +17,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fedlm import data
-from fedlm.data import (ClientData, build_client_data, client_data_path, load_corpus, load_texts,
-                        pack_texts, partition_corpus, prepare_federation)
-from fedlm.settings import ConfigError, DatasetSettings, FederationSettings, RunSettings, TrainSettings
+from fedlm import data, sources
+from fedlm.data import ClientData, build_client_data, client_data_path, pack_texts, partition_corpus, prepare_federation
+from fedlm.settings import DATA_SOURCES, ConfigError, DatasetSettings, FederationSettings, RunSettings, TrainSettings
+from fedlm.sources import READERS, load_corpus, load_texts
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 Tok = PreTrainedTokenizerFast
@@ -67,7 +67,7 @@ def test_packages_are_deterministic_distinct_third_party_and_capped() -> None:
     names = sorted(set(first["source"]))
     assert len(names) == 3
     for name in names:
-        assert name not in sys.stdlib_module_names and name not in data.OWN_PACKAGES
+        assert name not in sys.stdlib_module_names and name not in sources.OWN_PACKAGES
         total = sum(len(t) for t, s in zip(first["text"], first["source"]) if s == name)
         assert 18_000 <= total <= 20_000  # the cap, less any whitespace-only files dropped
     others = {tuple(sorted(set(load_corpus(settings, num_sources=3, seed=s)["source"]))) for s in range(1, 5)}
@@ -75,7 +75,7 @@ def test_packages_are_deterministic_distinct_third_party_and_capped() -> None:
 
 
 def test_package_scan_excludes_stdlib_and_our_packages() -> None:
-    roots = data._package_roots()
+    roots = sources._package_roots()
     assert "torch" in roots and "datasets" in roots
     assert not {"json", "os", "fedlm", "client", "server", "tests", "__pycache__"} & set(roots)
 
@@ -382,7 +382,7 @@ def test_bad_files_are_refused_naming_the_file_and_what_is_wrong(tmp_path: Path,
 
 
 def test_a_jsonl_line_past_the_limit_is_refused_by_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MAX_JSONL_LINE_BYTES", 100)
+    monkeypatch.setattr(sources, "MAX_JSONL_LINE_BYTES", 100)
     path = write(tmp_path / "d.jsonl", '{"text": "short"}\n' + json.dumps({"text": "x" * 200}) + "\n")
     with pytest.raises(ConfigError, match=r"d\.jsonl, line 2 is longer than 100 bytes, the most one record may take .*split it into several records"):
         load(path)
@@ -515,3 +515,10 @@ def test_a_data_folder_inside_a_locked_folder_is_named(shared_dir: Path) -> None
     (shared_dir / "outer").chmod(0o000)
     message = refusal(lambda: load(shared_dir / "outer" / "data"))
     assert message.startswith(f"dataset.path: {shared_dir / 'outer' / 'data'} cannot be read (Permission denied)")
+
+
+def test_an_unknown_source_lists_the_registered_readers():
+    assert set(DATA_SOURCES) == set(READERS) | {"auto"}  # the settings' choices are the registry's names
+    with pytest.raises(ConfigError, match=r"dataset.source='csvv' is unknown; choose one of \['auto', 'packages', "
+                                          r"'text_folder', 'jsonl', 'huggingface'\]"):
+        DatasetSettings(source="csvv")

@@ -17,6 +17,7 @@ from fedlm.ledger import PrivacyLedger
 from fedlm.protocol import BudgetExceeded
 from tests.fedlm.ledger_writer import PARAMS, spend_rounds
 
+pytestmark = pytest.mark.integration  # kills writer processes with SIGKILL
 KILLS = 25
 # Children fork from a server that has imported fedlm.ledger (and so fedlm.privacy) once (about 4 s): a fresh interpreter per kill
 # would make this test minutes long. Each child is still a separate process, killed for real.

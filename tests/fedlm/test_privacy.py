@@ -238,6 +238,7 @@ def spend(ledger, key, steps=10, params=PARAMS):
     return ledger.commit(ledger.begin(key, steps, new_parameters=lambda: params))
 
 
+@pytest.mark.integration  # starts processes
 def test_ledger_composes_rounds_exactly_across_restarts_and_processes(tmp_path):
     path = tmp_path / "client" / "ledger.json"
     for rnd in (1, 2):

@@ -44,6 +44,7 @@ def _settings() -> RunSettings:
     return settings_from_dict(RunSettings, {"strategy": {"name": "fedadam"}, "secagg": {"name": "disabled"}})
 
 
+@pytest.mark.integration  # starts processes
 def test_every_restart_after_a_kill_finds_a_whole_committed_round(tmp_path):
     rng = random.Random(0)
     last_seen = -1

@@ -123,6 +123,7 @@ def test_bad_input_stops_before_the_weights_load_and_writes_nothing(case, tmp_pa
     assert not (run / "settings.json").exists() and not list(run.rglob("client_*.pt"))
 
 
+@pytest.mark.integration  # starts processes
 @pytest.mark.parametrize("override, message", [
     ("federation.rounds=abc", "federation.rounds must be a whole number (got 'abc')"),
     ("federation.rounds=true", "federation.rounds must be a whole number (got True)"),
