@@ -58,7 +58,7 @@ class StableClientManager(SimpleClientManager):
         wanted = min_num_clients if min_num_clients is not None else num_clients
         # A device lost for good must not stall the federation (Flower would wait a day): after the round's
         # timeout go on with those connected; server.min_replies still guards what gets published.
-        if not self.wait_for(wanted, timeout=int(self.timeout)):
+        if not self.wait_for(wanted, timeout=self.timeout):  # a float: Flower passes it to Condition.wait_for
             log(logging.WARNING, "round %d: %d clients wanted, %d connected after %.0f s; going on with them",
                 self.server_round, wanted, len(self.clients), self.timeout)
             num_clients = min(num_clients, len(self.clients))

@@ -1,6 +1,7 @@
 """Client sampling: a round's cohort depends on (seed, round) and the clients' stable identities, never on node ids."""
 
 import logging
+import time
 
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 
@@ -41,9 +42,11 @@ def test_cohorts_change_with_the_round_and_the_seed():
 
 
 def test_a_short_federation_goes_on_with_those_connected_after_the_timeout(caplog):
-    manager = _manager([1, 2], NAMES[:2], timeout=1.0)
+    manager = _manager([1, 2], NAMES[:2], timeout=0.6)
     manager.server_round = 3
+    start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="flwr"):
         sampled = manager.sample(3)
+    assert 0.5 < time.monotonic() - start < 5  # it waited the timeout (not rounded down to 0 s), then went on
     assert sorted(proxy.cid for proxy in sampled) == ["1", "2"]
     assert "round 3: 3 clients wanted, 2 connected after 1 s; going on with them" in caplog.text
