@@ -26,9 +26,10 @@ def test_missing_data_path_is_named(tmp_path, tiny_llama_dir):
 
 
 def test_empty_data_folder_is_named(tmp_path, tiny_llama_dir):
-    (tmp_path / "empty").mkdir()
-    settings = _settings(tmp_path, model={"name_or_path": str(tiny_llama_dir)}, dataset={"path": str(tmp_path / "empty")})
-    with pytest.raises(ConfigError, match="empty"):
+    # The folder's name must not be able to satisfy the match: only the message's own words can.
+    (tmp_path / "corpus").mkdir()
+    settings = _settings(tmp_path, model={"name_or_path": str(tiny_llama_dir)}, dataset={"path": str(tmp_path / "corpus")})
+    with pytest.raises(ConfigError, match=r"dataset\.path=.*corpus' has no \.txt files; add UTF-8 \.txt files"):
         prepare(settings)
 
 
