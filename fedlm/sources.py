@@ -200,9 +200,8 @@ def _jsonl_lines(file: Path, key: str) -> Iterator[tuple[int, str]]:
             offset += len(raw)
 
 
-def _read_jsonl(file: Path, settings: DatasetSettings, key: str) -> tuple[list[str], list[str], bool]:
-    """Texts, sources and whether any record had the `partition_by` field."""
-    texts, sources, has_field = [], [], False
+def _jsonl_records(file: Path, key: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; anything but one JSON object a line is refused by number."""
     for lineno, line in _jsonl_lines(file, key):
         if not line.strip():
             continue
@@ -213,6 +212,13 @@ def _read_jsonl(file: Path, settings: DatasetSettings, key: str) -> tuple[list[s
                               "each line must be one JSON object") from None
         if not isinstance(record, dict):
             raise ConfigError(f"{file}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
+def _read_jsonl(file: Path, settings: DatasetSettings, key: str) -> tuple[list[str], list[str], bool]:
+    """Texts, sources and whether any record had the `partition_by` field."""
+    texts, sources, has_field = [], [], False
+    for lineno, record in _jsonl_records(file, key):
         texts.append(_record_text(record, settings, f"{file}, line {lineno}")[: settings.max_chars_per_source])
         origin = record.get(settings.partition_by)
         has_field |= origin is not None
@@ -333,18 +339,7 @@ def check_local_text(path: Path | str, key: str) -> None:
     elif resolved.suffix == ".txt":
         load_texts(resolved, DatasetSettings(), key=key)
     elif resolved.suffix == ".jsonl":
-        records = 0
-        for lineno, line in _jsonl_lines(resolved, key):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{resolved}, line {lineno}: invalid JSON ({err.msg}); each line must be "
-                                      "one JSON object") from None
-                if not isinstance(record, dict):
-                    raise ConfigError(f"{resolved}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-                records += 1
-        if not records:
+        if not sum(1 for _ in _jsonl_records(resolved, key)):
             raise ConfigError(f"{key} {path} holds no record; put this device's text in it")
     else:
         raise ConfigError(f"{key} {path} must be a folder of .txt files, a .txt file or a .jsonl file")
