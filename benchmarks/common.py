@@ -14,6 +14,9 @@ from fedlm.training import native_bf16
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TIMED_BATCH = 32
+"""The batch that timing sections run at: cost per step needs a fixed batch, not each client's planned one."""
+
 def log(message: str) -> None:
     print(f"[bench] {message}", flush=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from common import ROOT, command_line, log, provenance, write_sections
+from common import ROOT, TIMED_BATCH, command_line, log, provenance, write_sections
 
 SECTION = "8"
 CEILING_GIB = 16.0  # the stated ceiling: what this 24 GiB machine can give a federation next to its OS and tools
@@ -35,22 +35,21 @@ def client_round(private: bool) -> float:
 
     from fedlm.data import ClientData, client_data_path
     from fedlm.model import apply_lora, load_base_model
-    from fedlm.privacy import calibrate_noise, poisson_rate, resolve_delta, train_local_dp
-    from fedlm.settings import RunSettings
+    from fedlm.plan import plan_privacy
+    from fedlm.privacy import train_local_dp
+    from fedlm.settings import RunSettings, TrainSettings
     from fedlm.training import evaluate, train_local
 
-    settings = RunSettings(output_dir=str(WORK / "client"))
+    settings = RunSettings(output_dir=str(WORK / "client"), train=TrainSettings(batch_size=TIMED_BATCH))
     torch.set_num_threads(settings.federation.cpus_per_client)
     base, _ = load_base_model(settings.model, settings.cache_dir)
     model = apply_lora(base, settings.lora, settings.seed)
     data = ClientData.load(client_data_path(WORK / "client" / "data", 0))
     train, privacy, n = settings.train, settings.privacy, len(data.train)
     if private:
-        rate, delta = poisson_rate(train, n), resolve_delta(privacy, n)
-        noise = calibrate_noise(privacy, sample_rate=rate, steps=settings.federation.rounds * train.local_steps,
-                                delta=delta)
-        train_local_dp(model, data.train, data.train_mask, train, privacy, noise_multiplier=noise, sample_rate=rate,
-                       seed=0)
+        plan = plan_privacy(settings, n)
+        train_local_dp(model, data.train, data.train_mask, train, privacy, noise_multiplier=plan.noise_multiplier,
+                       sample_rate=plan.sample_rate, seed=0)
     else:
         train_local(model, data.train, data.train_mask, train, seed=0)
     evaluate(model, data.eval[:train.max_eval_sequences], data.eval_mask[:train.max_eval_sequences])

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, command_line, log, provenance, write_sections
+from common import ROOT, TIMED_BATCH, command_line, log, provenance, write_sections
 from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import calibrate_noise, poisson_rate, resolve_delta, train_local_dp
+from fedlm.plan import plan_privacy
+from fedlm.privacy import train_local_dp
 from fedlm.settings import RunSettings
 from fedlm.training import train_local
 from privacy_cost import smollm2_135m_shaped
@@ -50,7 +51,7 @@ def step_ms(model, ids, mask, settings: RunSettings, steps: int, noise: float | 
     train = dataclasses.replace(settings.train, local_steps=steps, precision=precision)
     if noise is not None:
         r = train_local_dp(model, ids, mask, train, settings.privacy, noise_multiplier=noise,
-                           sample_rate=poisson_rate(train, len(ids)), seed=0)
+                           sample_rate=train.batch_size / len(ids), seed=0)
     else:
         r = train_local(model, ids, mask, train, seed=0)
     return 1000 * r.seconds / max(r.sequences, 1) * train.batch_size
@@ -60,9 +61,7 @@ def compare(model, ids, mask, settings: RunSettings, steps: int, pairs: int, thr
     torch.set_num_threads(threads)
     rows, n = [], len(ids)
     # The noise a client of the default federation calibrates (it does not change the step's cost).
-    noise = calibrate_noise(settings.privacy, sample_rate=poisson_rate(settings.train, n),
-                            steps=settings.federation.rounds * settings.train.local_steps,
-                            delta=resolve_delta(settings.privacy, n))
+    noise = plan_privacy(settings, n).noise_multiplier
     for private in (False, True):
         for precision in ("fp32", "bf16"):  # warm-up of each
             step_ms(model, ids, mask, settings, 1, noise if private else None, precision)
@@ -90,7 +89,7 @@ def main() -> None:
     make_offline_safe()
     load, command = os.getloadavg()[0], command_line()
     pairs = 2 if args.quick else 4
-    settings = compose_settings([], str(WORK))
+    settings = compose_settings([f"train.batch_size={TIMED_BATCH}"], str(WORK))
     prepare(settings)
     torch.set_num_threads(args.threads[0])
     peaks = matmul_rates()

@@ -13,8 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedlm.data import ClientData, client_data_path, prepare_federation
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import calibrate_noise, poisson_rate, resolve_delta, train_local_dp
-from fedlm.settings import RunSettings
+from fedlm.plan import plan_privacy
+from fedlm.privacy import train_local_dp
+from common import TIMED_BATCH
+from fedlm.settings import RunSettings, TrainSettings
 from fedlm.training import train_local
 from simulations.launch import simulate
 from simulations.run import compose_settings
@@ -50,9 +52,8 @@ def smollm2_135m_shaped() -> LlamaForCausalLM:
 def time_pairs(model, ids, mask, settings: RunSettings, steps: int, pairs: int) -> list[dict]:
     """Alternating DP / plain `steps`-step calls at 1 and 2 threads: ms per nominal batch and the DP/plain ratio."""
     train, privacy = dataclasses.replace(settings.train, local_steps=steps), settings.privacy
-    n, rate = len(ids), poisson_rate(settings.train, len(ids))
-    horizon = settings.federation.rounds * settings.train.local_steps  # what a client calibrates for
-    noise = calibrate_noise(privacy, sample_rate=rate, steps=horizon, delta=resolve_delta(privacy, n))
+    plan = plan_privacy(settings, len(ids))  # the rate and noise a client of this federation trains with
+    rate, noise = plan.sample_rate, plan.noise_multiplier
 
     def ms_per_step(dp: bool, seed: int) -> float:
         r = (train_local_dp(model, ids, mask, train, privacy, noise_multiplier=noise, sample_rate=rate, seed=seed)
@@ -82,7 +83,7 @@ def time_pairs(model, ids, mask, settings: RunSettings, steps: int, pairs: int) 
 
 
 def dp_cost(work: Path) -> list[str]:
-    settings = RunSettings(output_dir=str(work))
+    settings = RunSettings(output_dir=str(work), train=TrainSettings(batch_size=TIMED_BATCH))
     steps, seq, chunk = 5, settings.dataset.seq_len, settings.privacy.max_physical_batch_size
     log("DP-SGD cost: embedded base on client 0's rows of the default federation")
     base, tokenizer = load_base_model(settings.model)

@@ -23,7 +23,9 @@ from safetensors.torch import load_file
 from common import ROOT, command_line, log, provenance, write_sections
 from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import calibrate_noise, epsilon_of, poisson_rate, resolve_delta, train_local_dp
+from fedlm.ledger import PrivacyLedger
+from fedlm.plan import plan_privacy, planned_rounds
+from fedlm.privacy import epsilon_of, train_local_dp
 from fedlm.settings import RunSettings
 from fedlm.training import evaluate, perplexity, resolve_precision, train_local
 from simulations.launch import make_offline_safe, prepare, simulate
@@ -81,22 +83,22 @@ def client_perplexities(model, clients: list[ClientData], limit: int) -> list[fl
     return [perplexity(evaluate(model, c.eval[:limit], c.eval_mask[:limit])[0]) for c in clients]
 
 
-def train_alone(model, ids: torch.Tensor, mask: torch.Tensor, settings: RunSettings, calls: int,
-                horizon_steps: int) -> float:
-    """`calls` calls of `train.local_steps` steps (a fresh AdamW each, as in every federated round) on one data
-    set; under DP, noise calibrated once for `horizon_steps` steps, exactly as a federated client does.
+def train_alone(model, ids: torch.Tensor, mask: torch.Tensor, settings: RunSettings, calls: int) -> float:
+    """`calls` calls of `train.local_steps` steps (a fresh optimiser each, as in every federated round) on one
+    data set; under DP, with the privacy plan of a client holding these rows and planning for `calls` rounds.
     Returns the epsilon spent (0 without DP)."""
-    train, privacy, n = settings.train, settings.privacy, len(ids)
+    train, privacy = settings.train, settings.privacy
     if not privacy.enabled:
         for call in range(calls):
             train_local(model, ids, mask, train, seed=settings.seed * 1_009 + call)
         return 0.0
-    rate, delta = poisson_rate(train, n), resolve_delta(privacy, n)
-    noise = calibrate_noise(privacy, sample_rate=rate, steps=horizon_steps, delta=delta)
+    plan = plan_privacy(dataclasses.replace(settings, privacy=dataclasses.replace(privacy, horizon_rounds=calls)),
+                        len(ids))
     for _ in range(calls):
-        train_local_dp(model, ids, mask, train, privacy, noise_multiplier=noise, sample_rate=rate,
-                       seed=secrets.randbits(63))
-    return epsilon_of([(noise, rate, calls * train.local_steps)], delta, privacy.accountant)
+        train_local_dp(model, ids, mask, train, privacy, noise_multiplier=plan.noise_multiplier,
+                       sample_rate=plan.sample_rate, seed=secrets.randbits(63))
+    return epsilon_of([(plan.noise_multiplier, plan.sample_rate, calls * train.local_steps)], plan.delta,
+                      privacy.accountant)
 
 
 def run_cell(dataset: str, epsilon: float, extra: list[str], out: Path, rows: list[str], cell: dict) -> dict:
@@ -126,7 +128,7 @@ def run_cell(dataset: str, epsilon: float, extra: list[str], out: Path, rows: li
         reset()
         pooled = [torch.cat([getattr(c, k) for c in clients]) for k in ("train", "train_mask")]
         calls = fed.rounds * fed.clients_per_round  # the federation's total steps, the full budget over them
-        spent = train_alone(model, *pooled, settings, calls, calls * train.local_steps)
+        spent = train_alone(model, *pooled, settings, calls)
         cell["centralised"] = {"ppl": client_perplexities(model, clients, limit), "epsilon": spent}
     if "federated" in rows and "federated" not in cell:
         log(f"{dataset} eps={epsilon:g}: federated (the real simulation, SecAgg+ off: it changes the sum by < 1e-6)")
@@ -141,15 +143,15 @@ def run_cell(dataset: str, epsilon: float, extra: list[str], out: Path, rows: li
 
 
 def local_only(model, reset, clients: list[ClientData], settings: RunSettings, label: str) -> dict:
-    """Each client alone, for the rounds it joins in expectation (rounds x K / N), with the same local steps
-    and calibrated noise: the same mechanism, and so the same epsilon, as inside the federation."""
+    """Each client alone, for the rounds its plan expects it to join, with the same local steps, sampling rate
+    and noise: the same mechanism, and so the same epsilon, as inside the federation."""
     fed, train = settings.federation, settings.train
-    joined = round(fed.rounds * fed.clients_per_round / fed.num_clients)
+    joined = planned_rounds(settings)
     log(f"{label}: local-only, {fed.num_clients} clients x {joined} rounds x {train.local_steps} steps")
     ppl, eps = [], []
     for c in clients:
         reset()
-        eps.append(train_alone(model, c.train, c.train_mask, settings, joined, fed.rounds * train.local_steps))
+        eps.append(train_alone(model, c.train, c.train_mask, settings, joined))
         ppl += client_perplexities(model, [c], train.max_eval_sequences)
     return {"ppl": ppl, "epsilon": max(eps)}
 
@@ -215,16 +217,13 @@ def noise_to_signal(out: Path) -> str:
     used = RunSettings.from_json((run / "settings.json").read_text())
     base, _ = load_base_model(used.model, used.cache_dir)
     d = sum(p.numel() for p in apply_lora(base, used.lora, used.seed).parameters() if p.requires_grad)
-    horizon, k = used.federation.rounds * used.train.local_steps, used.federation.clients_per_round
-    sigmas = []
-    for client in json.loads((run / "data" / "summary.json").read_text()):
-        n = client["train_sequences"]
-        sigmas.append(calibrate_noise(used.privacy, sample_rate=poisson_rate(used.train, n), steps=horizon,
-                                      delta=resolve_delta(used.privacy, n)))
-    ratio = [s * math.sqrt(d) / used.train.batch_size for s in (min(sigmas), max(sigmas))]
+    k = used.federation.clients_per_round
+    plans = [PrivacyLedger(path).read().parameters for path in sorted((run / "privacy").glob("client_*.json"))]
+    sigmas = [p.noise_multiplier for p in plans]
+    ratio = sorted(p.noise_multiplier * math.sqrt(d) / (p.sample_rate * p.sequences) for p in plans)
     return (f"Why DP costs this much learning here: at ε=8 each client's noise multiplier is "
-            f"{min(sigmas):.2f}-{max(sigmas):.2f} (calibrated once for {horizon} steps at its sampling rate), so "
-            f"the noise added to each averaged step has norm σ·C·√d/B = {ratio[0]:.1f}-{ratio[1]:.1f} times C "
+            f"{min(sigmas):.2f}-{max(sigmas):.2f} (its plan: {plans[0].planned_steps} steps at its sampling rate), "
+            f"so the noise added to each averaged step has norm σ·C·√d/B = {ratio[0]:.1f}-{ratio[-1]:.1f} times C "
             f"over the d = {d:,} adapter parameters, while the averaged clipped gradient itself has norm at most "
             f"C; averaging {k} clients' updates only divides it by √{k}. Most of each DP step is noise, so the "
             "adapter learns far less per step than without DP. Section 7.1 measures the settings that might "

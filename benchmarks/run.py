@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 import privacy_cost  # benchmarks/ is sys.path[0] when run as a script
-from common import ROOT, command_line, log, provenance, write_sections
+from common import ROOT, TIMED_BATCH, command_line, log, provenance, write_sections
 from fedlm.data import ClientData, client_data_path, prepare_federation
 from fedlm.model import apply_lora, load_base_model
-from fedlm.settings import RunSettings
+from fedlm.settings import RunSettings, TrainSettings
 from fedlm.training import evaluate, train_local
 from simulations.launch import make_offline_safe, simulate
 from simulations.run import compose_settings
@@ -65,7 +65,7 @@ def eval_rate(model, data: ClientData, settings: RunSettings, threads: int) -> f
 
 
 def throughput(work: Path) -> tuple[list[str], dict]:
-    settings = RunSettings(output_dir=str(work))
+    settings = RunSettings(output_dir=str(work), train=TrainSettings(batch_size=TIMED_BATCH))
     log("loading the embedded base model and preparing the default federation's client data")
     base, tokenizer = load_base_model(settings.model)
     n_base = sum(p.numel() for p in base.parameters())  # parameters() counts the tied lm_head once

@@ -18,7 +18,8 @@ from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
 from fedlm.data import ClientData, client_data_path, prepare_device_data
 from fedlm.model import apply_lora, load_base_model
 from fedlm.ledger import LedgerParameters, PrivacyLedger
-from fedlm.privacy import calibrate_noise, clip_update, poisson_rate, resolve_delta, train_local_dp
+from fedlm.plan import plan_privacy
+from fedlm.privacy import clip_update, train_local_dp
 from fedlm.protocol import DECLINES, FROZEN_A, PROXIMAL_MU, ROUND, BudgetExceeded
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings
 from fedlm.training import TrainResult, evaluate, perplexity, train_local
@@ -123,15 +124,12 @@ class LoraClient(NumPyClient):
             BudgetExceeded: this round would take the client past its budget, it already trained it, or the
                 run asks for less privacy than this device's floor.
         """
-        privacy, train, n = self.settings.privacy, self.settings.train, len(self.data.train)
+        privacy, train = self.settings.privacy, self.settings.train
 
-        def lifetime_parameters() -> LedgerParameters:  # only for a new ledger: fix the noise once, for the horizon
-            rate, delta = poisson_rate(train, n), resolve_delta(privacy, n)
-            horizon = (privacy.horizon_rounds or self.settings.federation.rounds) * train.local_steps
-            noise = calibrate_noise(privacy, sample_rate=rate, steps=horizon, delta=delta)
-            self.check_privacy_floor(noise)  # refuse before the ledger fixes a noise this device rejects
-            return LedgerParameters(noise_multiplier=noise, sample_rate=rate, delta=delta,
-                                    target_epsilon=privacy.target_epsilon, accountant=privacy.accountant)
+        def lifetime_parameters() -> LedgerParameters:  # only for a new ledger: the plan, fixed once
+            plan = plan_privacy(self.settings, len(self.data.train))
+            self.check_privacy_floor(plan.noise_multiplier)  # before the ledger fixes a noise this device rejects
+            return plan
 
         ledger = self.ledger
         spend = ledger.begin(f"run {self.run_id} round {server_round}", train.local_steps,
@@ -145,7 +143,8 @@ class LoraClient(NumPyClient):
                                 noise_multiplier=params.noise_multiplier, sample_rate=params.sample_rate,
                                 seed=secrets.randbits(63), prox_mu=prox_mu)
         epsilon = ledger.commit(spend)
-        return result, {"epsilon": epsilon, "delta": params.delta, "noise_multiplier": params.noise_multiplier}
+        return result, {"epsilon": epsilon, "delta": params.delta, "noise_multiplier": params.noise_multiplier,
+                        **params.plan_metrics()}
 
     def check_privacy_floor(self, noise_multiplier: float | None) -> None:
         """A device may demand at least some privacy (node config); a run asking for less is refused.

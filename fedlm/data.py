@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import datasets
 
 from fedlm.files import write_atomic
-from fedlm.settings import ConfigError, DatasetSettings, RunSettings
+from fedlm.settings import AUTO, ConfigError, DatasetSettings, RunSettings
 from fedlm.sources import load_corpus, load_texts, txt_files
 
 MIN_LAST_ROW = 8
@@ -301,13 +301,14 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,
     parts = partition_corpus(corpus, ds, n, settings.seed)
     print(f"[data] tokenising into rows of {ds.seq_len} tokens", flush=True)
     built, summary = [], []
+    fixed_batch = settings.train.batch_size if settings.train.batch_size != AUTO else 1  # auto fits any n
     for i, part in enumerate(parts):
         counts = collections.Counter(part["source"])
         sources = [s for s, _ in counts.most_common(5)]
         name = f"client {i}"
         if len(counts) == 1:
             name += f" ({'package' if kind == 'packages' else 'source'} {sources[0]!r})"
-        data = build_client_data(part["text"], tokenizer, ds, settings.seed + i, name, settings.train.batch_size)
+        data = build_client_data(part["text"], tokenizer, ds, settings.seed + i, name, fixed_batch)
         built.append(data)
         summary.append({"client": i, "sources": sources, "documents": len(part),
                         "train_sequences": len(data.train), "eval_sequences": len(data.eval),

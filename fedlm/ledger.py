@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
 """The file format: {"version", "parameters": {...}, "history": [{key, noise_multiplier, sample_rate, steps,
-epsilon}, ...]}. Unchanged since the ledger lived in fedlm/privacy.py, so existing ledgers are read as they are."""
+epsilon}, ...]}; the parameters' plan figures are optional. Unchanged since the ledger lived in fedlm/privacy.py, so existing ledgers are read as they are."""
 
 
 def _positive_number(value: object) -> bool:
@@ -44,6 +44,13 @@ class LedgerParameters:
     target_epsilon: float
     """The lifetime budget: no round may take the cumulative epsilon past it."""
     accountant: str = "prv"
+    # The plan these were chosen by (fedlm/plan.py); 0 in a ledger written before plans existed.
+    sequences: int = 0
+    """The client's training sequences when the ledger was created."""
+    planned_steps: int = 0
+    """Lifetime DP-SGD steps the noise was calibrated for."""
+    planned_epsilon: float = 0.0
+    """The epsilon after exactly `planned_steps` steps."""
 
     def __post_init__(self) -> None:
         numbers = (self.noise_multiplier, self.sample_rate, self.delta, self.target_epsilon)
@@ -53,11 +60,22 @@ class LedgerParameters:
                              f"target_epsilon={self.target_epsilon} (need > 0, sample_rate <= 1, delta < 1)")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant={self.accountant!r} is unknown; choose one of {list(ACCOUNTANTS)}")
+        plan = (self.sequences, self.planned_steps, self.planned_epsilon)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in plan):
+            raise ValueError(f"invalid plan figures: sequences={self.sequences}, planned_steps={self.planned_steps}, "
+                             f"planned_epsilon={self.planned_epsilon} (need numbers >= 0)")
 
     def as_json(self) -> dict:
         return {"noise_multiplier": float(self.noise_multiplier), "sample_rate": float(self.sample_rate),
                 "delta": float(self.delta), "target_epsilon": float(self.target_epsilon),
-                "accountant": self.accountant}
+                "accountant": self.accountant, "sequences": int(self.sequences),
+                "planned_steps": int(self.planned_steps), "planned_epsilon": float(self.planned_epsilon)}
+
+    def plan_metrics(self) -> dict[str, float]:
+        """The plan as a client reports it with every update (metrics.jsonl, report.md)."""
+        return {"plan_sequences": self.sequences, "plan_sample_rate": self.sample_rate,
+                "plan_batch": self.sample_rate * self.sequences, "plan_noise_multiplier": self.noise_multiplier,
+                "plan_steps": self.planned_steps, "plan_epsilon": self.planned_epsilon}
 
 
 @dataclass(frozen=True)
@@ -117,8 +135,9 @@ class PrivacyLedger:
             if state["version"] != LEDGER_VERSION:
                 raise ValueError(f"version {state['version']!r}, this Pollinate reads {LEDGER_VERSION}")
             params, history = state["parameters"], state["history"]
+            plan = {k: params[k] for k in ("sequences", "planned_steps", "planned_epsilon") if k in params}
             parameters = LedgerParameters(**{k: params[k] for k in ("noise_multiplier", "sample_rate", "delta",
-                                                                     "target_epsilon", "accountant")})
+                                                                     "target_epsilon", "accountant")}, **plan)
             if not isinstance(history, list):
                 raise ValueError("bad history")
             for e in history:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -185,17 +186,25 @@ class DatasetSettings:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
+"""`train.optimizer` choices; fedlm/training.py `make_optimizer` builds them."""
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """One client's local training in a round."""
+    """One client's local training in a round. conf/privacy/*.yaml set the batch, optimiser and learning rate,
+    since the DP path needs its own (BENCHMARKS.md section 7.2)."""
 
     local_steps: int = 10
-    batch_size: int = 32
-    """Sequences per step (under DP-SGD: the expected size of a Poisson batch). DP needs big batches:
-    the noise on the averaged gradient shrinks as 1/batch_size."""
+    batch_size: int | str = AUTO
+    """Sequences per step (under DP-SGD: the expected size of a Poisson batch), or `auto` under DP-SGD: each
+    client's privacy plan picks it from its data size and budget (fedlm/plan.py)."""
+    optimizer: str = "adamw"
+    """`adamw` or `sgd` (with `train.momentum`)."""
     learning_rate: float = 1e-2
+    momentum: float = 0.9
+    """`sgd` only: heavy-ball momentum."""
     weight_decay: float = 0.0
     max_eval_sequences: int = 64
     """Held-out sequences a client evaluates on (the same ones every round)."""
@@ -205,11 +214,16 @@ class TrainSettings:
     fp32 (each device decides for itself). Evaluation is always float32."""
 
     def __post_init__(self) -> None:
-        for key in ("local_steps", "batch_size", "max_eval_sequences"):
+        for key in ("local_steps", "max_eval_sequences"):
             _check(getattr(self, key) > 0, f"train.{key} must be > 0 (got {getattr(self, key)})")
+        _check(self.batch_size == AUTO or (isinstance(self.batch_size, int) and self.batch_size > 0),
+               f"train.batch_size must be a whole number > 0 or auto (got {self.batch_size!r})")
         _check(self.precision in PRECISIONS,
                f"train.precision={self.precision!r} is unknown; choose one of {list(PRECISIONS)}")
+        _check(self.optimizer in OPTIMIZERS,
+               f"train.optimizer={self.optimizer!r} is unknown; choose one of {list(OPTIMIZERS)}")
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0 (got {self.learning_rate}); try 1e-2")
+        _check(0 <= self.momentum < 1, f"train.momentum must be in [0, 1) (got {self.momentum}); try 0.9")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})")
 
 
@@ -255,6 +269,8 @@ class PrivacySettings:
     """Rounds a client may join, for calibration; 0: federation.rounds (the worst case: every round)."""
     max_physical_batch_size: int = 16
     """Poisson batches larger than this are processed in chunks (memory), as one logical step."""
+    max_auto_batch: int = 256
+    """The largest expected batch `train.batch_size=auto` may plan (each step's compute grows with it)."""
     accountant: str = "prv"
     """`prv` (tight; falls back to `rdp` where PRV fails) or `rdp` (a looser but valid bound)."""
     update_clipping_norm: float = 0.0
@@ -281,6 +297,7 @@ class PrivacySettings:
                f"privacy.update_noise_multiplier must be > 0 (got {self.update_noise_multiplier}); try 1.0")
         _check(self.max_physical_batch_size > 0,
                f"privacy.max_physical_batch_size must be > 0 (got {self.max_physical_batch_size})")
+        _check(self.max_auto_batch > 0, f"privacy.max_auto_batch must be > 0 (got {self.max_auto_batch})")
 
     @property
     def enabled(self) -> bool:
@@ -444,6 +461,12 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         fed, secagg = self.federation, self.secagg
+        _check(self.privacy.enabled or self.train.batch_size != AUTO,
+               "train.batch_size=auto is chosen by each client's privacy plan, and privacy=disabled has none; "
+               "set a number, e.g. train.batch_size=32")
+        _check(self.train.batch_size != AUTO or self.privacy.noise_multiplier == 0,
+               f"privacy.noise_multiplier={self.privacy.noise_multiplier:g} fixes the noise, so the privacy plan "
+               "cannot choose train.batch_size=auto for the budget; set a batch too, or privacy.noise_multiplier=0")
         _check(self.server.min_replies <= fed.clients_per_round,
                f"server.min_replies={self.server.min_replies} exceeds federation.clients_per_round="
                f"{fed.clients_per_round}: no round could ever complete; sample at least {self.server.min_replies} "
@@ -501,9 +524,13 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list (got {value!r})")
         return tuple(_convert(typing.get_args(hint)[0], v, key) for v in value)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in typing.get_args(hint):
             return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        for member in members[:-1]:  # the first member the value fits, e.g. int | str: 32 or "auto"
+            with contextlib.suppress(ConfigError):
+                return _convert(member, value, key)
+        hint = members[-1]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false (got {value!r})")

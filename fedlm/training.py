@@ -66,6 +66,18 @@ def autocast(precision: str) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision(precision) == "bf16")
 
 
+def make_optimizer(params: list[nn.Parameter], train: TrainSettings) -> torch.optim.Optimizer:
+    """`train.optimizer` over `params` (fresh every round: a client keeps no optimiser state between rounds).
+
+    Under heavy DP noise Adam normalises the noise: each step moves every coordinate by about the learning rate
+    whatever the signal, while momentum SGD's step scales with the (noisy) gradient itself (BENCHMARKS.md 7.2).
+    """
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.learning_rate, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+
+
 @dataclass
 class TrainResult:
     loss: float
@@ -97,14 +109,14 @@ def proximal_gradient(params: list[nn.Parameter], mu: float) -> Callable[[], Non
 
 def train_local(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.Tensor,
                 settings: TrainSettings, seed: int, prox_mu: float = 0.0) -> TrainResult:
-    """Run `settings.local_steps` AdamW steps on the trainable (adapter) parameters.
+    """Run `settings.local_steps` steps of `settings.optimizer` on the trainable (adapter) parameters.
 
     Batches are drawn from a seeded permutation of the rows, cycling, so a round is reproducible.
     `prox_mu` > 0 adds FedProx's proximal term (prox_mu/2)||w - w_start||^2 to the objective.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     add_proximal = proximal_gradient(params, prox_mu)
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(params, settings)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(train_ids), generator=generator)
     model.train()

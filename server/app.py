@@ -81,7 +81,8 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
         log(logging.INFO, "Resuming %s after its committed round %d", out_dir, resumed.server_round)
     metered = MeteredGrid(grid, timeout=settings.server.round_timeout)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy,
-                           client_manager=StableClientManager(metered, settings.seed, settings.server.round_timeout))
+                           client_manager=StableClientManager(metered, settings.seed, settings.server.round_timeout,
+                                                              balanced=not settings.privacy.client_level))
     recorder = RunRecorder(out_dir, model, settings, first_round)
     RoundLoop(recorder, build_fit_workflow(settings), first_round)(metered, legacy)
     report = write_report(out_dir, settings)

@@ -5,6 +5,11 @@ registration), so the same seed picked different clients in different runs, and 
 the clients the crashed run would have. Here each node is asked once for its stable identity (the
 `client-id` of `client.app.identify`), and round r's cohort is drawn from the sorted identities with a
 generator seeded by (seed, r): a resumed run draws the same cohorts with no random state to restore.
+
+The draw is balanced: each round takes the clients asked least often so far (ties broken by the draw), so over
+R rounds each of N clients is asked at most ceil(R K / N) times, the horizon its privacy plan is calibrated for
+(fedlm/plan.py) and no fewer than floor(R K / N): the budget is spent, not left to chance. Client-level DP
+accounts cohorts as random draws, so with it on the manager draws uniformly at random instead.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ IDENTITY_KEY = "client-id"
 class StableClientManager(SimpleClientManager):
     """A client manager whose `sample` is reproducible across runs; the round loop sets `server_round`."""
 
-    def __init__(self, grid: Grid, seed: int, timeout: float) -> None:
+    def __init__(self, grid: Grid, seed: int, timeout: float, balanced: bool = True) -> None:
         super().__init__()
         self.grid = grid
         self.seed = seed
         self.timeout = timeout
+        self.balanced = balanced
+        self._replay: tuple[tuple[str, ...], int, list[list[str]], dict[str, int]] | None = None
+        """(identities, cohort size, each replayed round's cohort, times each was asked): the balanced draw."""
         self.server_round = 0
         self.identities: dict[str, str] = {}
         """node id -> the client's stable identity."""
@@ -72,5 +80,27 @@ class StableClientManager(SimpleClientManager):
             log(logging.WARNING, "round %d: %d clients requested, only %d identified and available", self.server_round,
                 num_clients, len(candidates))
             return []
-        rng = random.Random(f"{self.seed}:{self.server_round}")  # str seeds hash stably across processes
-        return [self.clients[cid] for cid in rng.sample(candidates, num_clients)]
+        names = {self.identities[cid]: cid for cid in candidates}
+        draw = self.balanced_cohort if self.balanced else self.random_cohort
+        return [self.clients[names[name]] for name in draw(sorted(names), num_clients)]
+
+    def random_cohort(self, names: list[str], k: int) -> list[str]:
+        return self._draw(self.server_round).sample(names, k)
+
+    def _draw(self, server_round: int) -> random.Random:
+        return random.Random(f"{self.seed}:{server_round}")  # str seeds hash stably across processes
+
+    def balanced_cohort(self, names: list[str], k: int) -> list[str]:
+        """The k of `names` asked least often in rounds 1 .. server_round - 1, ties broken by the round's draw.
+
+        Rounds are replayed from round 1 (once per process, then extended), so a resumed run draws what the
+        crashed one would have, given the same clients."""
+        if self._replay is None or self._replay[:2] != (tuple(names), k):
+            self._replay = (tuple(names), k, [], dict.fromkeys(names, 0))
+        cohorts, counts = self._replay[2], self._replay[3]
+        while len(cohorts) < self.server_round:
+            order = self._draw(len(cohorts) + 1).sample(names, len(names))
+            cohorts.append(sorted(order, key=counts.__getitem__)[:k])  # a stable sort: equals keep the draw's order
+            for name in cohorts[-1]:
+                counts[name] += 1
+        return cohorts[self.server_round - 1]

@@ -5,13 +5,24 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import dp_accounting
 import pytest
 import torch
+from dp_accounting.pld import PLDAccountant
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = ("def return import class self value items for in if else while yield lambda print data model "
          "client server round adapter train loss tensor").split()
+
+
+def pld_epsilon(noise: float, rate: float, steps: int, delta: float) -> float:
+    """Epsilon of `steps` Poisson-subsampled Gaussian steps by Google's dp_accounting PLD accountant, which
+    shares no code with Opacus' PRV and RDP accountants that Pollinate uses."""
+    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
+    accountant = PLDAccountant(value_discretization_interval=1e-4)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return accountant.get_epsilon(delta)
 
 
 def make_text(seed: int, n_words: int = 400) -> str:

@@ -8,11 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dp_accounting
 import numpy as np
 import pytest
 import torch
-from dp_accounting.pld import PLDAccountant
 from opacus.optimizers import DPOptimizer
 
 import fedlm.ledger as ledger_mod
@@ -24,6 +22,7 @@ from fedlm.privacy import (calibrate_noise, clip_update, epsilon_of, poisson_bat
 from fedlm.protocol import BudgetExceeded
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, PrivacySettings, TrainSettings
 from fedlm.training import sequence_losses, train_local
+from tests.conftest import pld_epsilon
 
 DP = PrivacySettings(name="dp_sgd", max_grad_norm=1.0, max_physical_batch_size=4)
 
@@ -178,14 +177,6 @@ def test_an_adapter_that_never_moves_is_an_error_and_leaves_no_hooks(model, data
 
 
 # -- accounting ------------------------------------------------------------------------------------------
-
-def pld_epsilon(noise, rate, steps, delta):
-    """Google's dp_accounting PLD accountant: independent of Opacus."""
-    event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
-    accountant = PLDAccountant(value_discretization_interval=1e-4)
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
-    return accountant.get_epsilon(delta)
-
 
 def test_delta_and_rate_defaults():
     assert resolve_delta(PrivacySettings(), 1000) == 1e-5
