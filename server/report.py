@@ -54,7 +54,28 @@ def privacy_lines(rows: list[dict], settings: RunSettings) -> list[str]:
         f"{privacy.max_grad_norm:g}, {privacy.accountant.upper()} accounting. After round {last.get('round', 0)} "
         f"the clients' cumulative epsilon is at most **{last.get('epsilon_max', 0):.3f}** "
         f"(mean {last.get('epsilon_mean', 0):.3f}); {declined} training requests were declined to stay "
-        "within budget.", "", "![epsilon](epsilon.png)", ""]
+        "within budget.", "", *plan_lines(rows, privacy.target_epsilon), "![epsilon](epsilon.png)", ""]
+
+
+def plan_lines(rows: list[dict], budget: float) -> list[str]:
+    """Each client's privacy plan (fixed before its first round) and what it has spent of its budget."""
+    clients: dict[int, dict] = {}
+    for r in rows:
+        for metrics in r.get("clients", []):
+            seen = clients.setdefault(metrics["client"], {"rounds": 0})
+            seen.update(metrics, rounds=seen["rounds"] + 1)
+    planned = {c: m for c, m in sorted(clients.items()) if "plan_steps" in m}
+    if not planned:
+        return []
+    lines = ["Each client's privacy plan (`python -m simulations.plan` prints it before a run) and its spend:", "",
+             "| client | sequences n | sampling rate q | expected batch | noise multiplier | planned steps "
+             "| planned epsilon | rounds trained | epsilon spent | of the budget |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for client, m in planned.items():
+        lines.append(f"| {client} | {m['plan_sequences']} | {m['plan_sample_rate']:.4f} | {m['plan_batch']:.1f} "
+                     f"| {m['plan_noise_multiplier']:.3f} | {m['plan_steps']} | {m['plan_epsilon']:.3f} "
+                     f"| {m['rounds']} | {m['epsilon']:.3f} | {100 * m['epsilon'] / budget:.0f} % |")
+    return lines + [""]
 
 
 def _cell(value: float | None, digits: int) -> str:

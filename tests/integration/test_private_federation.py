@@ -11,7 +11,7 @@ from fedlm.privacy import epsilon_of
 from fedlm.protocol import DECLINES, BudgetExceeded
 from fedlm.settings import RunSettings, settings_from_dict
 from simulations.launch import simulate
-from tests.conftest import make_text
+from tests.conftest import make_text, pld_epsilon
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,3 +114,39 @@ def test_client_level_dp_under_secagg_reports_its_own_epsilon(tmp_path, tiny_lla
     for r in (1, 2):
         assert rows[r]["client_epsilon"] == pytest.approx(client_level_epsilon(1.0, 1.0, r, 1e-5))
     assert "epsilon_max" not in rows[2]  # the sample-level layer is off and reported as off
+
+
+def test_planned_clients_join_the_rounds_they_planned_for_and_spend_their_whole_budget(tmp_path, tiny_llama_dir,
+                                                                                       text_folder):
+    settings = settings_from_dict(RunSettings, {
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "dataset": {"path": str(text_folder), "partitioner": "iid", "seq_len": 32, "min_train_sequences": 4,
+                    "min_eval_sequences": 1},
+        "federation": {"num_clients": 3, "clients_per_round": 2, "rounds": 3},  # 6 slots: 2 rounds each
+        "train": {"local_steps": 2, "batch_size": "auto"},
+        "privacy": {"name": "dp_sgd", "target_epsilon": 4.0},
+        "secagg": {"name": "disabled"},
+        "output_dir": str(tmp_path / "run"),
+    })
+    outcome = simulate(settings)
+    sizes = [c["train_sequences"] for c in json.loads((outcome.output_dir / "data" / "summary.json").read_text())]
+    trained = {}
+    for row in outcome.rows[1:]:
+        assert row["clients_ok"] == 2 and row["clients_declined"] == 0
+        for metrics in row["clients"]:
+            trained.setdefault(metrics["client"], []).append(metrics)
+    assert sorted((c, len(m)) for c, m in trained.items()) == [(0, 2), (1, 2), (2, 2)]
+    for client, metrics in trained.items():
+        ledger = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{client}.json").read()
+        plan = ledger.parameters
+        assert plan.sequences == sizes[client] and plan.planned_steps == 2 * 2
+        assert plan.sample_rate * plan.sequences == metrics[0]["plan_batch"] <= sizes[client]
+        # Every round trained with the plan's noise and rate (the ledger records what each spend used) ...
+        assert {(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger.history} == {
+            (plan.noise_multiplier, plan.sample_rate, 2)}
+        # ... and at the end the whole budget is spent, never more, by an accountant independent of Opacus.
+        independent = pld_epsilon(plan.noise_multiplier, plan.sample_rate, 4, plan.delta)
+        assert 0.98 * 4.0 <= independent <= 4.0 + 0.01
+        assert metrics[-1]["epsilon"] == ledger.epsilon == pytest.approx(independent, abs=0.01)
+    report = (outcome.output_dir / "report.md").read_text()
+    assert "Each client's privacy plan" in report and "| 100 % |" in report
