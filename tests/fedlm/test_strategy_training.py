@@ -26,31 +26,50 @@ def _trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_proximal_gradient_is_mu_times_the_distance_from_the_start(tiny_llama_dir, data):
-    model, mu = _lora(tiny_llama_dir), 0.3
+def test_proximal_gradient_matches_finite_differences_of_the_proximal_objective(tiny_llama_dir, data):
+    """What proximal_gradient adds to each adapter gradient, on top of the data loss's, equals the central
+    finite difference of (mu/2)||w - w0||^2 computed here in float64 (a quadratic: exact up to rounding)."""
+    model, mu, h = _lora(tiny_llama_dir), 0.3, 1e-4
     params = [p for p in model.parameters() if p.requires_grad]
     add_proximal = proximal_gradient(params, mu)  # anchors w0 = the weights now
-    anchors = [p.detach().clone() for p in params]
+    anchors = [p.detach().double().clone() for p in params]
     with torch.no_grad():
         for i, p in enumerate(params):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
-    # Reference: autograd of loss + (mu/2)||w - w0||^2.
-    model.zero_grad()
-    loss = sequence_losses(model, *data).mean()
-    (loss + mu / 2 * sum(((p - w0) ** 2).sum() for p, w0 in zip(params, anchors))).backward()
-    reference = [p.grad.clone() for p in params]
     model.zero_grad()
     sequence_losses(model, *data).mean().backward()
+    loss_grads = [p.grad.clone() for p in params]
     add_proximal()
-    for got, want in zip((p.grad for p in params), reference):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    # And numerically: a central difference of (mu/2)||w - w0||^2 along one coordinate is mu (w - w0) there.
-    p, w0, h = params[0], anchors[0], 1e-3
-    term = lambda w: mu / 2 * float(((w - w0) ** 2).sum())  # noqa: E731
-    e = torch.zeros_like(p)
-    e.view(-1)[0] = h
-    numeric = (term(p.detach() + e) - term(p.detach() - e)) / (2 * h)
-    assert numeric == pytest.approx(mu * float((p.detach() - w0).view(-1)[0]), rel=1e-3)
+    added = [(p.grad - g).double() for p, g in zip(params, loss_grads)]
+
+    def objective(ws):  # the proximal term over the whole adapter
+        return mu / 2 * sum(float(((w - w0) ** 2).sum()) for w, w0 in zip(ws, anchors))
+
+    weights = [p.detach().double().clone() for p in params]
+    picks = torch.Generator().manual_seed(0)
+    for i, w in enumerate(weights):
+        for j in torch.randint(w.numel(), (3,), generator=picks).tolist():
+            shifted = []
+            for step in (h, -h):
+                moved = w.clone()
+                moved.view(-1)[j] += step
+                shifted.append(objective(weights[:i] + [moved] + weights[i + 1:]))
+            numeric = (shifted[0] - shifted[1]) / (2 * h)
+            assert float(added[i].view(-1)[j]) == pytest.approx(numeric, rel=1e-3, abs=1e-7), (i, j)
+
+
+def test_one_sgd_step_on_the_proximal_term_pulls_back_by_lr_mu_times_the_distance():
+    """By hand: w0 = (1, -2), then w moves to (3, 0), so w - w0 = (2, 2). With mu = 0.5 the gradient of
+    (mu/2)||w - w0||^2 is mu (w - w0) = (1, 1), and one SGD step at lr 0.1 lands at (3 - 0.1, 0 - 0.1) = (2.9, -0.1)."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    add_proximal = proximal_gradient([w], mu=0.5)
+    with torch.no_grad():
+        w.copy_(torch.tensor([3.0, 0.0]))
+    w.grad = torch.zeros_like(w)  # no data loss: the proximal term alone
+    add_proximal()
+    assert w.grad.tolist() == pytest.approx([1.0, 1.0])
+    torch.optim.SGD([w], lr=0.1).step()
+    assert w.tolist() == pytest.approx([2.9, -0.1])
 
 
 def test_a_large_mu_keeps_local_training_near_the_global_adapter(tiny_llama_dir, data):

@@ -1,10 +1,12 @@
 """The per-sequence loss, local training and held-out evaluation."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import LoraSettings, ModelSettings, TrainSettings
@@ -15,6 +17,36 @@ from fedlm.training import evaluate, sequence_losses, train_local
 def model(tiny_llama_dir):
     base, _ = load_base_model(ModelSettings(name_or_path=str(tiny_llama_dir)))
     return apply_lora(base, LoraSettings(r=4), seed=0)
+
+
+LN2 = math.log(2.0)
+
+
+class _Bigram(nn.Module):
+    """A 4-token bigram model whose next-token probabilities are known exactly: the logits are a row of a fixed
+    table picked by the current token.
+
+    After token 0 or 1 the row is (0, 0, -1e4, -1e4): probability 1/2 each on tokens 0 and 1 (exp(-1e4) is 0 in
+    float32), so a target 0 or 1 costs ln 2 and any other target about 1e4. After token 2 or 3 the row is
+    (0, 0, 0, 0): uniform, so every target costs ln 4 = 2 ln 2.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(4, 4)
+        with torch.no_grad():
+            self.table.weight.copy_(torch.tensor([[0.0, 0.0, -1e4, -1e4]] * 2 + [[0.0] * 4] * 2))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table(input_ids))
+
+
+def _short_and_long():
+    """Row 0: 4 real tokens 0 1 0 1 (3 targets at ln 2 each), padded with 3s that would each cost ~1e4 if
+    counted. Row 1: 8 real tokens 2 3 2 3 2 3 2 3 (7 targets at 2 ln 2 each)."""
+    ids = torch.tensor([[0, 1, 0, 1, 3, 3, 3, 3], [2, 3, 2, 3, 2, 3, 2, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8])
+    return ids, mask
 
 
 def test_each_sequence_is_the_mean_over_its_own_valid_tokens(model):
@@ -41,14 +73,18 @@ def test_padding_never_changes_a_sequence_loss(model):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_sequences_weigh_the_same_whatever_their_length(model):
-    """Unlike the built-in labels= loss, a long and a short sequence count equally."""
-    ids = torch.randint(2, 200, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 3:] = 0
-    model.eval()
-    per_seq = sequence_losses(model, ids, mask)
-    torch.testing.assert_close(per_seq.mean(), (per_seq[0] + per_seq[1]) / 2)
+def test_training_loss_weighs_each_sequence_equally_whatever_its_length():
+    """Unlike the built-in labels= loss, a short and a long sequence count equally in the training loss.
+
+    Per sequence: (3 * ln 2) / 3 = ln 2 and (7 * 2 ln 2) / 7 = 2 ln 2, so the training loss (their mean) is
+    1.5 ln 2 = 1.0397, where token weighting would give (3 + 14) ln 2 / 10 = 1.7 ln 2 = 1.1783.
+    """
+    model, (ids, mask) = _Bigram(), _short_and_long()
+    assert sequence_losses(model, ids, mask).tolist() == pytest.approx([LN2, 2 * LN2], rel=1e-6)
+    # One step over both rows: the loss train_local reports is the one it backpropagated, before the step.
+    result = train_local(model, ids, mask, TrainSettings(local_steps=1, batch_size=2, precision="fp32"), seed=0)
+    assert result.loss == pytest.approx(1.5 * LN2, rel=1e-6)
+    assert result.tokens == 4 + 8  # real tokens of the batch
 
 
 def test_local_training_moves_only_the_adapter_and_lowers_the_loss(model):
@@ -71,13 +107,14 @@ def test_local_training_moves_only_the_adapter_and_lowers_the_loss(model):
     assert lora and not unchanged  # every A and B moved (B starts at zero, A follows once B is non-zero)
 
 
-def test_evaluation_is_token_weighted(model):
-    ids = torch.randint(2, 200, (3, 8))
-    mask = torch.ones_like(ids)
-    mask[2, 2:] = 0
-    loss, tokens = evaluate(model, ids, mask, batch_size=2)
-    assert tokens == 7 + 7 + 1
-    assert math.isfinite(loss) and loss > 0
+def test_held_out_loss_weighs_every_token_equally():
+    """Held-out loss is a mean over all 3 + 7 = 10 valid targets, so exp(loss) is the usual perplexity:
+    (3 * ln 2 + 7 * 2 ln 2) / 10 = 1.7 ln 2 = 1.1783, not the per-sequence mean 1.5 ln 2 = 1.0397."""
+    model, (ids, mask) = _Bigram(), _short_and_long()
+    for batch_size in (1, 2):  # one row per batch, or both in one: the same token-weighted mean
+        loss, tokens = evaluate(model, ids, mask, batch_size=batch_size)
+        assert tokens == 10
+        assert loss == pytest.approx(1.7 * LN2, rel=1e-6)
 
 
 def test_training_is_reproducible_for_a_seed(tiny_llama_dir):
