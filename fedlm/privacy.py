@@ -119,7 +119,7 @@ def calibrate_noise(settings: PrivacySettings, *, sample_rate: float, steps: int
                            target, min(0.01, 0.005 * target), steps, sample_rate, delta)
 
 
-_INTEGER_ORDERS = [1.25, 1.5, 1.75, *range(2, 64)]
+_INTEGER_ORDERS = list(range(2, 64))
 
 
 def rough_noise(target_epsilon: float, *, sample_rate: float, steps: int, delta: float) -> float:

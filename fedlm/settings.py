@@ -200,9 +200,9 @@ class TrainSettings:
     batch_size: int | str = AUTO
     """Sequences per step (under DP-SGD: the expected size of a Poisson batch), or `auto` under DP-SGD: each
     client's privacy plan picks it from its data size and budget (fedlm/plan.py)."""
-    optimizer: str = "adamw"
+    optimizer: str = "sgd"
     """`adamw` or `sgd` (with `train.momentum`)."""
-    learning_rate: float = 1e-2
+    learning_rate: float = 0.1
     momentum: float = 0.9
     """`sgd` only: heavy-ball momentum."""
     weight_decay: float = 0.0
@@ -269,7 +269,7 @@ class PrivacySettings:
     """Rounds a client may join, for calibration; 0: federation.rounds (the worst case: every round)."""
     max_physical_batch_size: int = 16
     """Poisson batches larger than this are processed in chunks (memory), as one logical step."""
-    max_auto_batch: int = 256
+    max_auto_batch: int = 32
     """The largest expected batch `train.batch_size=auto` may plan (each step's compute grows with it)."""
     accountant: str = "prv"
     """`prv` (tight; falls back to `rdp` where PRV fails) or `rdp` (a looser but valid bound)."""

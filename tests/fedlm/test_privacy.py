@@ -468,7 +468,7 @@ def test_bf16_training_follows_float32_closely(model, data):
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.copy_(start[n])
-        train_local(model, *data, TrainSettings(local_steps=3, batch_size=6, learning_rate=1e-2,
+        train_local(model, *data, TrainSettings(local_steps=3, batch_size=6, optimizer="adamw", learning_rate=1e-2,
                                                 precision=precision), seed=0)
         results[precision] = {n: p - start[n] for n, p in trainable(model).items()}
     moved = flat_norm(results["fp32"])

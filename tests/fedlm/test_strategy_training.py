@@ -73,7 +73,7 @@ def test_one_sgd_step_on_the_proximal_term_pulls_back_by_lr_mu_times_the_distanc
 
 
 def test_a_large_mu_keeps_local_training_near_the_global_adapter(tiny_llama_dir, data):
-    settings = TrainSettings(local_steps=6, batch_size=3, learning_rate=0.02)
+    settings = TrainSettings(local_steps=6, batch_size=3, optimizer="adamw", learning_rate=0.02)
     drift = {}
     for mu in (0.0, 50.0):
         model = _lora(tiny_llama_dir)

@@ -10,7 +10,7 @@ from torch import nn
 
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import LoraSettings, ModelSettings, TrainSettings
-from fedlm.training import evaluate, sequence_losses, train_local
+from fedlm.training import evaluate, make_optimizer, sequence_losses, train_local
 
 
 @pytest.fixture()
@@ -95,7 +95,7 @@ def test_local_training_moves_only_the_adapter_and_lowers_the_loss(model):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     before, _ = evaluate(model, ids, mask)
-    result = train_local(model, ids, mask, TrainSettings(local_steps=15, batch_size=4, learning_rate=1e-2), seed=0)
+    result = train_local(model, ids, mask, TrainSettings(local_steps=15, batch_size=4, optimizer="adamw", learning_rate=1e-2), seed=0)
     after, tokens = evaluate(model, ids, mask)
     assert after < before - 0.5
     assert tokens == 16 * 31
@@ -137,3 +137,17 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert training.resolve_precision("auto") == "fp32" and not training.autocast("auto")._enabled
     assert training.resolve_precision("bf16") == "bf16"  # an explicit choice is kept, native or not
     assert training.resolve_precision("fp32") == "fp32"
+
+
+def test_train_optimizer_builds_momentum_sgd_or_adamw_with_the_configured_values():
+    w = torch.nn.Parameter(torch.tensor([3.0, 0.0]))
+    sgd = make_optimizer([w], TrainSettings(optimizer="sgd", learning_rate=0.1, momentum=0.5))
+    for _ in range(2):  # gradient (1, 1) twice: velocity 1 then 1.5, so w moves by 0.1 + 0.15 per coordinate
+        w.grad = torch.ones(2)
+        sgd.step()
+    assert torch.allclose(w.detach(), torch.tensor([2.75, -0.25]))
+    adamw = make_optimizer([w], TrainSettings(optimizer="adamw", learning_rate=0.01, weight_decay=0.0))
+    w.grad = torch.tensor([5.0, -0.001])
+    before = w.detach().clone()
+    adamw.step()  # Adam's first step is lr x sign(g) whatever the gradient's size
+    assert torch.allclose(w.detach() - before, torch.tensor([-0.01, 0.01]), atol=1e-6)
