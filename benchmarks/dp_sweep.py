@@ -28,6 +28,7 @@ from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.privacy import calibrate_noise, epsilon_of, poisson_rate, resolve_delta, train_local_dp
 from fedlm.training import evaluate, native_bf16, perplexity, resolve_precision, train_local
+from common import ROOT
 from quality import descriptions_folder
 from simulations.launch import make_offline_safe, prepare
 from simulations.run import compose_settings
@@ -40,6 +41,8 @@ STAGE = [  # steps 2-4 of the sweep, all at B 32: (optimiser, lr)
     *(("sgd-momentum", lr) for lr in (0.03, 0.1, 0.3)),
 ]
 LARGER_BATCHES = (64, 128)
+CLIPPING_ONLY = [("sgd-momentum", 0.1), ("sgd-momentum", 1.0), ("adamw", 1e-2)]
+"""Per-sequence clipping without noise (no guarantee): what the noise costs, apart from the clipping."""
 
 
 def overrides(dataset: str, out: Path) -> list[str]:
@@ -50,7 +53,7 @@ def overrides(dataset: str, out: Path) -> list[str]:
 
 
 def key(r: dict) -> tuple:
-    return (r["dataset"], r["optimiser"], float(r["lr"]), int(r["batch"]), int(r["steps"]))
+    return (r["dataset"], r["optimiser"], float(r["lr"]), int(r["batch"]), int(r["steps"]), r.get("noised", True))
 
 
 def make_optimizer(optimiser: str, lr: float, eps: float | None):
@@ -89,10 +92,11 @@ class Client:
         d = self.data
         return perplexity(evaluate(self.model, d.eval[:EVAL_SEQUENCES], d.eval_mask[:EVAL_SEQUENCES])[0])
 
-    def run(self, optimiser: str, lr: float, batch: int, steps: int) -> dict:
+    def run(self, optimiser: str, lr: float, batch: int, steps: int, noised: bool = True) -> dict:
         """Train one config from the fresh adapter over `CALLS` calls of `steps` steps; its record."""
         s = self.settings
-        train = replace(s.train, learning_rate=lr, batch_size=batch, local_steps=steps, weight_decay=0.0)
+        train = replace(s.train, optimizer="adamw", learning_rate=lr, batch_size=batch, local_steps=steps,
+                        weight_decay=0.0)  # the optimiser itself comes from make_optimizer below
         privacy, seed = s.privacy, s.seed
         self.reset()
         torch.manual_seed(seed)
@@ -105,17 +109,19 @@ class Client:
             record.update(expected_batch=batch, sigma=0.0, epsilon=None, extra="")  # no guarantee: strict JSON has no inf
         else:
             rate, delta = poisson_rate(train, self.n), resolve_delta(privacy, self.n)
-            sigma = calibrate_noise(privacy, sample_rate=rate, steps=CALLS * steps, delta=delta)
+            sigma = calibrate_noise(privacy, sample_rate=rate, steps=CALLS * steps, delta=delta) if noised else 0.0
             expected = max(1, round(rate * self.n))  # what DPOptimizer divides the noisy sum by
             eps = sigma * privacy.max_grad_norm / expected if optimiser == "adam-eps" else None
             extra = f"eps {eps:.3g}" if eps is not None else {"adamw": "wd 0", "sgd-momentum": "momentum 0.9"}[optimiser]
+            extra += "" if noised else ", clipping only: no noise, no guarantee"
             factory = make_optimizer(optimiser, lr, eps)
             for call in range(CALLS):  # a fresh optimizer per call, as in every round a client joins
                 train_local_dp(self.model, self.data.train, self.data.train_mask, train, privacy,
                                noise_multiplier=sigma, sample_rate=rate, seed=seed * 1_009 + call,
                                make_optimizer=factory)
-            record.update(expected_batch=expected, sample_rate=rate, delta=delta, sigma=sigma,
-                          epsilon=epsilon_of([(sigma, rate, CALLS * steps)], delta, privacy.accountant), extra=extra)
+            epsilon = epsilon_of([(sigma, rate, CALLS * steps)], delta, privacy.accountant) if noised else None
+            record.update(expected_batch=expected, sample_rate=rate, delta=delta, sigma=sigma, epsilon=epsilon,
+                          extra=extra, noised=noised)
         train_seconds = time.perf_counter() - start
         record.update(ppl=self.ppl(), base_ppl=self.base_ppl, seconds=round(train_seconds, 1))
         return record
@@ -144,8 +150,8 @@ def table(rows: list[dict], dataset: str) -> list[str]:
         dp = r["optimiser"] != "nodp-adamw"
         lines.append(f"| {r['optimiser'] if dp else 'AdamW, no DP'} | {r['lr']:g} | {r.get('extra', '')} | "
                      f"{r['expected_batch']} | {fmt(r['sigma'], 3) if dp else '-'} | "
-                     f"{fmt(r['epsilon']) if dp else '-'} | {r['ppl']:.2f} | {100 * gain:.0f} % | {r['seconds']:.0f} |")
-    dps = [r for r in mine if r["optimiser"] != "nodp-adamw"]
+                     f"{fmt(r['epsilon'] or math.inf) if dp else '-'} | {r['ppl']:.2f} | {100 * gain:.0f} % | {r['seconds']:.0f} |")
+    dps = [r for r in mine if r["optimiser"] != "nodp-adamw" and r.get("noised", True)]
     if dps and ref:
         best = min(dps, key=lambda r: r["ppl"])
         lines += ["", f"Best under DP: {best['optimiser']} lr {best['lr']:g} B {best['expected_batch']}, perplexity "
@@ -163,7 +169,7 @@ def cpu() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("/work/sweep-out"))
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-dp-sweep")
     parser.add_argument("--datasets", default="packages,descriptions")
     parser.add_argument("--smoke", action="store_true", help="2 steps per call, one config per optimiser, to results-smoke")
     args = parser.parse_args()
@@ -174,13 +180,13 @@ def main() -> None:
     steps = 2 if args.smoke else STEPS
     done = {key(r): r for r in load(results)}
 
-    def measure(client: Client, optimiser: str, lr: float, batch: int) -> dict:
-        k = (client.dataset, optimiser, float(lr), batch, steps)
+    def measure(client: Client, optimiser: str, lr: float, batch: int, noised: bool = True) -> dict:
+        k = (client.dataset, optimiser, float(lr), batch, steps, noised)
         if k in done:
             print(f"[sweep] skip (measured): {k}", flush=True)
             return done[k]
         print(f"[sweep] {client.dataset}: {optimiser} lr {lr:g} B {batch} ...", flush=True)
-        r = client.run(optimiser, lr, batch, steps)
+        r = client.run(optimiser, lr, batch, steps, noised)
         with results.open("a") as f:
             f.write(json.dumps(r) + "\n")
         done[k] = r
@@ -200,6 +206,8 @@ def main() -> None:
         for r in sorted(measured, key=lambda r: r["ppl"])[:2]:
             for batch in LARGER_BATCHES:
                 measure(client, r["optimiser"], r["lr"], batch)
+        for optimiser, lr in CLIPPING_ONLY:
+            measure(client, optimiser, lr, 32, noised=False)
         del client
 
     rows = load(results)

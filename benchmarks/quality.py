@@ -265,7 +265,8 @@ def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -
     if absent:
         lines += ["", f"Not measured yet: {', '.join(absent)} (`--epsilons` adds them; measured cells are kept)."]
     lines += ["", "Cells: mean / worst client (geometric mean) held-out perplexity." +
-              (f" Largest epsilon actually spent: {spent}." if spent else ""), ""]
+              (f" Largest epsilon actually spent: {spent}." if spent else "")]
+    lines += [f"- {line}" for line in budget_spent(out, eps)] + [""]
     compared = [e for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])]
     for center, who in ((statistics.mean, "the mean client"), (statistics.geometric_mean, "the geometric mean")):
         beats = {e: gain(results, "federated", e, center) > gain(results, "local-only", e, center) for e in compared}
@@ -282,9 +283,8 @@ def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -
         lines.append(f"- Centralised ends worse than the base at {', '.join(f'ε={e:g}' for e in worse)} (by the mean "
                      "or the geometric mean): not a "
                      "ceiling there. Likely cause (not isolated): it takes all the federation's steps on one adapter, "
-                     "and under DP each AdamW step moves every coordinate by about the learning rate in a mostly "
-                     "random direction, so the noise accumulates over its many steps; federated clients take "
-                     "fewer steps each and their noise is averaged.")
+                     "so the noise of each DP step accumulates over many more steps than any client takes; "
+                     "federated clients take fewer steps each and their noise is averaged.")
     if all("federated" in results.get(k, {}) for k in ("0", "8")):
         kept = gain(results, "federated", 8.0) / gain(results, "federated", 0.0)
         kept_geo = (gain(results, "federated", 8.0, statistics.geometric_mean) /
@@ -301,14 +301,40 @@ def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -
     return lines
 
 
+def budget_spent(out: Path, epsilons: list[float]) -> list[str]:
+    """What each client of the federated row spent of its budget, from its own ledger (the target: >= 80 %)."""
+    lines = []
+    for e in (e for e in epsilons if e):
+        ledgers = sorted((out / f"eps{e:g}" / "federated" / "privacy").glob("client_*.json"))
+        spent = [PrivacyLedger(path).read().epsilon for path in ledgers]
+        if spent:
+            verdict = "met" if min(spent) >= 0.8 * e and max(spent) <= e else "**not met**"
+            lines.append(f"Budget spent by each of the {len(spent)} federated clients at ε={e:g}: "
+                         f"{min(spent):.2f}-{max(spent):.2f}, {100 * min(spent) / e:.0f}-{100 * max(spent) / e:.0f} % "
+                         f"(target: every client at least 80 % and none above 100 %): {verdict}.")
+    return lines
+
+
 def trained_with(out: Path) -> str:
-    """The settings the cached results were trained with, read from a federated run's own settings.json."""
-    used = json.loads(next(out.glob("eps*/federated/settings.json")).read_text())
-    fed, t = used["federation"], used["train"]
+    """The settings the cached results were trained with, read from the federated runs' own settings.json: the
+    non-private and the DP path each have their own batch, optimiser and learning rate (conf/privacy/)."""
+    paths = {}
+    for path in sorted(out.glob("eps*/federated/settings.json")):
+        used = json.loads(path.read_text())
+        paths.setdefault("DP" if used["privacy"]["name"] != "disabled" else "no DP", used)
+    fed = next(iter(paths.values()))["federation"]
+    described = []
+    for name, used in paths.items():
+        t = used["train"]
+        batch = "auto (each client's plan)" if t["batch_size"] == "auto" else t["batch_size"]
+        momentum = f" momentum {t['momentum']:g}" if t["optimizer"] == "sgd" else ""
+        described.append(f"{name}: {t['optimizer']}{momentum} lr {t['learning_rate']:g}, batch {batch}"
+                         + (f", max_grad_norm {used['privacy']['max_grad_norm']:g}, auto batch at most "
+                            f"{used['privacy']['max_auto_batch']}" if name == "DP" else ""))
+    t = next(iter(paths.values()))["train"]
     return (f"Trained with: {fed['num_clients']} clients, {fed['clients_per_round']} per round, {fed['rounds']} "
-            f"rounds of {t['local_steps']} local steps, batch {t['batch_size']}, lr {t['learning_rate']:g}, "
-            f"precision {t['precision']} ({resolve_precision(t['precision'])} here), max_grad_norm "
-            f"{used['privacy']['max_grad_norm']:g}.")
+            f"rounds of {t['local_steps']} local steps; {'; '.join(described)}; precision {t['precision']} "
+            f"({resolve_precision(t['precision'])} here).")
 
 
 def measure(dataset: str, extra: list[str], epsilons: list[float], rows: list[str], cached: bool) -> tuple[dict, Path]:
@@ -426,13 +452,13 @@ def main() -> None:
         "Every row is evaluated on every client's own held-out split (its first `train.max_eval_sequences` "
         "sequences), with the training settings listed under each table. **base**: the embedded base model, no "
         "adapter training. "
-        "**local-only**: each client trains alone (in-process, `train_local` / `train_local_dp`) for the rounds it "
-        "joins in expectation (rounds x clients per round / clients), with the same local steps, noise "
-        "multiplier and sampling rate as inside the federation, so the same epsilon. **federated**: the real "
+        "**local-only**: each client trains alone (in-process, `train_local` / `train_local_dp`) for the rounds "
+        "the server's balanced sampling asks of it (rounds x clients per round / clients), with the same local "
+        "steps and privacy plan (sampling rate, noise multiplier) as inside the federation, so the same epsilon. **federated**: the real "
         "simulation (`simulations.launch.simulate`, SecAgg+ off since it changes the aggregate by < 1e-6), its "
         "final global adapter evaluated per client. **centralised**: all clients' training rows pooled, the "
-        "federation's total number of steps, DP-SGD calibrated to the same epsilon over them (meant as the ceiling: "
-        "pooling many more sequences makes each sampled step far cheaper in privacy).", "", *body])
+        "federation's total number of steps, with the privacy plan of one client holding them all over those steps "
+        "(meant as the ceiling: pooling many more sequences makes each sampled step far cheaper in privacy).", "", *body])
     write_sections(args.output, [section])
     print(section, flush=True)
 

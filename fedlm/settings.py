@@ -262,11 +262,11 @@ class PrivacySettings:
     delta: float = 0.0
     """0: min(1e-5, 1/n) for a client holding n training sequences (the privacy unit is one sequence)."""
     noise_multiplier: float = 0.0
-    """0: calibrated once, from target_epsilon, over the client's whole horizon."""
+    """0: each client's privacy plan calibrates it once, from target_epsilon, over the rounds it will join."""
     max_grad_norm: float = 1.0
     """Per-sequence gradient clipping bound C."""
     horizon_rounds: int = 0
-    """Rounds a client may join, for calibration; 0: federation.rounds (the worst case: every round)."""
+    """Rounds a client plans its budget for; 0: the most the server's sampling asks of any client (fedlm/plan.py)."""
     max_physical_batch_size: int = 16
     """Poisson batches larger than this are processed in chunks (memory), as one logical step."""
     max_auto_batch: int = 32
