@@ -226,8 +226,8 @@ def noise_to_signal(out: Path) -> str:
             f"so the noise added to each averaged step has norm σ·C·√d/B = {ratio[0]:.1f}-{ratio[-1]:.1f} times C "
             f"over the d = {d:,} adapter parameters, while the averaged clipped gradient itself has norm at most "
             f"C; averaging {k} clients' updates only divides it by √{k}. Most of each DP step is noise, so the "
-            "adapter learns far less per step than without DP. Section 7.1 measures the settings that might "
-            "change that.")
+            "adapter learns far less per step than without DP. Sections 7.1 and 7.2 measure the settings that "
+            "might change that.")
 
 
 def personalisation_note(results: dict, lost: list[float], out: Path) -> str:

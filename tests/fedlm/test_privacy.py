@@ -248,7 +248,13 @@ def test_ledger_composes_rounds_exactly_across_restarts_and_processes(tmp_path):
     assert state.parameters == PARAMS  # the other process's parameters were not taken
     stored = json.loads(path.read_text())
     assert stored["version"] == 1 and stored["parameters"] == {
-        "noise_multiplier": 1.0, "sample_rate": 0.25, "delta": 1e-5, "target_epsilon": 20.0, "accountant": "prv"}
+        "noise_multiplier": 1.0, "sample_rate": 0.25, "delta": 1e-5, "target_epsilon": 20.0, "accountant": "prv",
+        "sequences": 0, "planned_steps": 0, "planned_epsilon": 0.0}  # no plan: these parameters were given
+    # A ledger written before plans existed (no plan figures) reads as it is.
+    old = {**stored, "parameters": {k: v for k, v in stored["parameters"].items()
+                                    if k not in ("sequences", "planned_steps", "planned_epsilon")}}
+    path.write_text(json.dumps(old))
+    assert PrivacyLedger(path).read().parameters == PARAMS
     assert [e["key"] for e in stored["history"]] == ["run:1", "run:2", "run:3"]
     assert [e["steps"] for e in stored["history"]] == [10, 10, 10]
     assert stored["history"][0]["epsilon"] < stored["history"][1]["epsilon"] < stored["history"][2]["epsilon"]
