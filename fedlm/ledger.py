@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
 """The file format: {"version", "parameters": {...}, "history": [{key, noise_multiplier, sample_rate, steps,
-epsilon}, ...]}; the parameters' plan figures are optional. Unchanged since the ledger lived in fedlm/privacy.py, so existing ledgers are read as they are."""
+epsilon}, ...]}; the parameters' plan figures are optional. Unchanged otherwise since the ledger lived in
+fedlm/privacy.py, so existing ledgers are read as they are."""
 
 
 def _positive_number(value: object) -> bool:

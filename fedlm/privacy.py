@@ -25,8 +25,8 @@ from torch import nn  # noqa: E402
 for _handler in logging.root.handlers[len(_root_handlers):]:
     logging.root.removeHandler(_handler)
 
-from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
 from fedlm import training
+from fedlm.settings import ACCOUNTANTS, ConfigError, PrivacySettings, TrainSettings
 from fedlm.training import TrainResult, autocast, proximal_gradient, resolve_precision, sequence_losses
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,9 @@ _INTEGER_ORDERS = list(range(2, 64))
 
 
 def rough_noise(target_epsilon: float, *, sample_rate: float, steps: int, delta: float) -> float:
-    """A noise multiplier within about 1-3 % above what `calibrate_noise` finds, a hundred times faster: RDP at
-    integer orders only (each in closed form) and a 1 % tolerance. For comparing many sampling rates
-    (fedlm/plan.py); the noise a client trains with always comes from `calibrate_noise`."""
+    """A noise multiplier a few % above what `calibrate_noise` finds, about ten times faster: RDP at integer
+    orders only (each in closed form; the fractional ones take seconds to converge) and a 1 % tolerance. For
+    comparing many sampling rates (fedlm/plan.py); the noise a client trains with comes from `calibrate_noise`."""
     def eps(sigma: float) -> float:
         accountant = create_accountant(mechanism="rdp")
         accountant.history = [(sigma, sample_rate, steps)]

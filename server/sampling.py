@@ -98,9 +98,10 @@ class StableClientManager(SimpleClientManager):
         if self._replay is None or self._replay[:2] != (tuple(names), k):
             self._replay = (tuple(names), k, [], dict.fromkeys(names, 0))
         cohorts, counts = self._replay[2], self._replay[3]
-        while len(cohorts) < self.server_round:
+        server_round = max(self.server_round, 1)  # before round 1 (the base's evaluation): round 1's draw
+        while len(cohorts) < server_round:
             order = self._draw(len(cohorts) + 1).sample(names, len(names))
             cohorts.append(sorted(order, key=counts.__getitem__)[:k])  # a stable sort: equals keep the draw's order
             for name in cohorts[-1]:
                 counts[name] += 1
-        return cohorts[self.server_round - 1]
+        return cohorts[server_round - 1]

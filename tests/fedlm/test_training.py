@@ -95,7 +95,8 @@ def test_local_training_moves_only_the_adapter_and_lowers_the_loss(model):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     before, _ = evaluate(model, ids, mask)
-    result = train_local(model, ids, mask, TrainSettings(local_steps=15, batch_size=4, optimizer="adamw", learning_rate=1e-2), seed=0)
+    result = train_local(model, ids, mask, TrainSettings(local_steps=15, batch_size=4, optimizer="adamw",
+                                                         learning_rate=1e-2), seed=0)
     after, tokens = evaluate(model, ids, mask)
     assert after < before - 0.5
     assert tokens == 16 * 31
