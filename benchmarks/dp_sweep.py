@@ -26,7 +26,8 @@ import torch
 
 from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import calibrate_noise, epsilon_of, poisson_rate, resolve_delta, train_local_dp
+from fedlm.plan import plan_privacy
+from fedlm.privacy import epsilon_of, train_local_dp
 from fedlm.training import evaluate, native_bf16, perplexity, resolve_precision, train_local
 from common import ROOT
 from quality import descriptions_folder
@@ -108,8 +109,10 @@ class Client:
                 train_local(self.model, self.data.train, self.data.train_mask, train, seed=seed * 1_009 + call)
             record.update(expected_batch=batch, sigma=0.0, epsilon=None, extra="")  # no guarantee: strict JSON has no inf
         else:
-            rate, delta = poisson_rate(train, self.n), resolve_delta(privacy, self.n)
-            sigma = calibrate_noise(privacy, sample_rate=rate, steps=CALLS * steps, delta=delta) if noised else 0.0
+            # The plan a client holding these rows makes for CALLS rounds of `steps` steps at this batch.
+            plan = plan_privacy(replace(s, train=train, privacy=replace(privacy, horizon_rounds=CALLS)), self.n)
+            rate, delta = plan.sample_rate, plan.delta
+            sigma = plan.noise_multiplier if noised else 0.0
             expected = max(1, round(rate * self.n))  # what DPOptimizer divides the noisy sum by
             eps = sigma * privacy.max_grad_norm / expected if optimiser == "adam-eps" else None
             extra = f"eps {eps:.3g}" if eps is not None else {"adamw": "wd 0", "sgd-momentum": "momentum 0.9"}[optimiser]

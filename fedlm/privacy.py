@@ -47,17 +47,6 @@ def resolve_delta(settings: PrivacySettings, n: int) -> float:
     return settings.delta if settings.delta > 0 else min(1e-5, 1.0 / max(n, 1))
 
 
-def poisson_rate(train: TrainSettings, n_train: int) -> float:
-    """Each row's sampling probability, so that the expected Poisson batch is `train.batch_size`.
-
-    Raises:
-        ValueError: the client holds no training rows.
-    """
-    if n_train <= 0:
-        raise ValueError(f"a client needs training sequences for DP-SGD (got n_train={n_train})")
-    return min(1.0, train.batch_size / n_train)
-
-
 def _accountant_epsilon(history: History, delta: float, mechanism: str) -> float:
     accountant = create_accountant(mechanism=mechanism)
     accountant.history = history

@@ -19,8 +19,8 @@ from simulations.launch import make_offline_safe, prepare
 from simulations.run import compose_settings, refuse
 
 
-def plan_table(settings: RunSettings, sizes: list[int], out=print) -> list[dict]:
-    """Print one row per client as its plan is computed (each takes a few seconds); returns the rows."""
+def plan_table(settings: RunSettings, sizes: list[int], out=print) -> None:
+    """Print one row per client as its plan is computed (each takes a few seconds)."""
     privacy, fed = settings.privacy, settings.federation
     rounds = planned_rounds(settings)
     out(f"Privacy plans: target epsilon {privacy.target_epsilon:g} per client over its lifetime, "
@@ -31,13 +31,10 @@ def plan_table(settings: RunSettings, sizes: list[int], out=print) -> list[dict]
     out("| client | sequences n | sampling rate q | expected batch | noise multiplier | lifetime steps "
         "| delta | projected epsilon |")
     out("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = []
     for client, n in enumerate(sizes):
         plan = plan_privacy(settings, n)
-        rows.append({"client": client, **plan.plan_metrics(), "delta": plan.delta})
         out(f"| {client} | {n} | {plan.sample_rate:.4f} | {plan.sample_rate * n:.1f} | {plan.noise_multiplier:.3f} "
             f"| {plan.planned_steps} | {plan.delta:.2g} | {plan.planned_epsilon:.3f} |")
-    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import fedlm.ledger as ledger_mod
 import fedlm.privacy as privacy_mod
 from fedlm.ledger import LedgerParameters, PrivacyLedger
 from fedlm.model import apply_lora, load_base_model
-from fedlm.privacy import (calibrate_noise, clip_update, epsilon_of, poisson_batches, poisson_rate,
+from fedlm.privacy import (calibrate_noise, clip_update, epsilon_of, poisson_batches,
                            resolve_delta, train_local_dp)
 from fedlm.protocol import BudgetExceeded
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, PrivacySettings, TrainSettings
@@ -183,8 +183,6 @@ def test_delta_and_rate_defaults():
     assert resolve_delta(PrivacySettings(), 50) == 1e-5
     assert resolve_delta(PrivacySettings(delta=1e-6), 50) == 1e-6
     assert resolve_delta(PrivacySettings(), 10_000_000) == 1e-7
-    assert poisson_rate(TrainSettings(batch_size=8), 400) == 0.02
-    assert poisson_rate(TrainSettings(batch_size=8), 5) == 1.0
 
 
 def test_epsilon_of_matches_an_independent_accountant_and_falls_back_to_rdp(monkeypatch):
