@@ -5,6 +5,7 @@ Imported only by messages that train or evaluate: see client/app.py."""
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 from pathlib import Path
 
@@ -14,12 +15,13 @@ from flwr.client import NumPyClient
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
+from fedlm.adapter import adapter_to_arrays, arrays_to_adapter, gradients_to_arrays
 from fedlm.data import ClientData, client_data_path, prepare_device_data
 from fedlm.model import apply_lora, load_base_model
-from fedlm.ledger import LedgerParameters, PrivacyLedger
+from fedlm.distributed_dp import encode_share, grid_step, rounded_sensitivity, secret_rng
+from fedlm.ledger import LedgerParameters, PrivacyLedger, Spend
 from fedlm.plan import plan_privacy
-from fedlm.privacy import clip_update, train_local_dp
+from fedlm.privacy import clip_update, clipped_gradient_sum, poisson_batches, train_local_dp
 from fedlm.protocol import DECLINES, FROZEN_A, PROXIMAL_MU, ROUND, BudgetExceeded
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings
 from fedlm.training import TrainResult, evaluate, perplexity, train_local
@@ -92,6 +94,8 @@ class LoraClient(NumPyClient):
         self.load(config)
         arrays_to_adapter(self.model, parameters)
         server_round, prox_mu = int(config.get(ROUND, 0)), float(config.get(PROXIMAL_MU, 0.0))
+        if self.settings.privacy.distributed:
+            return self.noisy_gradient_share(server_round)
         if self.settings.privacy.enabled:
             result, metrics = self.train_private(server_round, prox_mu)
         else:
@@ -125,18 +129,9 @@ class LoraClient(NumPyClient):
                 run asks for less privacy than this device's floor.
         """
         privacy, train = self.settings.privacy, self.settings.train
-
-        def lifetime_parameters() -> LedgerParameters:  # only for a new ledger: the plan, fixed once
-            plan = plan_privacy(self.settings, len(self.data.train))
-            self.check_privacy_floor(plan.noise_multiplier)  # before the ledger fixes a noise this device rejects
-            return plan
-
         ledger = self.ledger
-        spend = ledger.begin(f"run {self.run_id} round {server_round}", train.local_steps,
-                             new_parameters=lifetime_parameters)
+        spend = self.begin_spend(ledger, server_round, train.local_steps)
         params = spend.parameters
-        if not spend.created:
-            self.check_privacy_floor(params.noise_multiplier)
         # Poisson sampling must stay secret (amplification by subsampling assumes it), so it is not drawn
         # from the run's public seed.
         result = train_local_dp(self.model, self.data.train, self.data.train_mask, train, privacy,
@@ -145,6 +140,56 @@ class LoraClient(NumPyClient):
         epsilon = ledger.commit(spend)
         return result, {"epsilon": epsilon, "delta": params.delta, "noise_multiplier": params.noise_multiplier,
                         **params.plan_metrics()}
+
+    def begin_spend(self, ledger: PrivacyLedger, server_round: int, steps: int) -> Spend:
+        """Begin this round's spend: the client's privacy plan fixes its ledger on its first round, and the
+        device's privacy floor is checked against the noise it would train with.
+
+        Raises:
+            BudgetExceeded: see train_private.
+        """
+        def lifetime_parameters() -> LedgerParameters:  # only for a new ledger: the plan, fixed once
+            plan = plan_privacy(self.settings, len(self.data.train))
+            self.check_privacy_floor(plan.noise_multiplier)  # before the ledger fixes a noise this device rejects
+            return plan
+
+        spend = ledger.begin(f"run {self.run_id} round {server_round}", steps, new_parameters=lifetime_parameters)
+        if not spend.created:
+            self.check_privacy_floor(spend.parameters.noise_multiplier)
+        return spend
+
+    def noisy_gradient_share(self, server_round: int) -> tuple[list[np.ndarray], int, dict]:
+        """privacy=distributed_dp_sgd: this client's part of one central DP-SGD step. The sum of its clipped
+        per-sequence gradients over a secret Poisson batch, plus its share of the noise, on SecAgg+'s grid
+        (fedlm/distributed_dp.py); the spend is on disk before the share leaves.
+
+        Only data-independent figures travel beside it (no training loss or batch size: SecAgg+ hides the
+        share, and those would leak outside the accounted mechanism); its sequence count is public, as the data
+        set size is in DP-SGD's normalisation.
+
+        Raises:
+            BudgetExceeded: see train_private.
+        """
+        settings = self.settings
+        ledger = self.ledger
+        spend = self.begin_spend(ledger, server_round, 1)
+        params = spend.parameters
+        n = len(self.data.train)
+        rows = poisson_batches(n, params.sample_rate, 1, secrets.randbits(63))[0]
+        gradients = clipped_gradient_sum(self.model, self.data.train, self.data.train_mask, rows, settings.train,
+                                         settings.privacy)
+        arrays = gradients_to_arrays(self.model, gradients)
+        grid = grid_step(settings)
+        clip = rounded_sensitivity(settings.privacy.max_grad_norm, sum(a.size for a in arrays), grid)
+        noise_std = params.noise_multiplier * clip / math.sqrt(params.shares)
+        shares = encode_share(arrays, noise_std, grid, secret_rng())
+        epsilon = ledger.commit(spend)
+        metrics = {"epsilon": epsilon, "epsilon_alone": ledger.read().own_share_epsilon(), "delta": params.delta,
+                   "noise_multiplier": params.noise_multiplier, "noise_share_std": noise_std, "sequences": n,
+                   "client": self.partition_id, ROUND: server_round, **params.plan_metrics()}
+        # Equal weights of exactly SecAgg+'s max_weight: Flower then scales nothing and the integers go through
+        # as they are; the server decodes the sum from the mean (strategies/distributed_dp.py).
+        return shares, self.settings.federation.max_client_weight, metrics
 
     def check_privacy_floor(self, noise_multiplier: float | None) -> None:
         """A device may demand at least some privacy (node config); a run asking for less is refused.

@@ -65,16 +65,35 @@ def _wire_shape(model: PeftModel, name: str, shape: tuple[int, ...]) -> tuple[in
     return shape[:axis] + (rank,) + shape[axis + 1:]
 
 
-def adapter_to_arrays(model: PeftModel) -> list[np.ndarray]:
-    """The adapter's wire tensors as float32 arrays (ArrayRecord rejects bfloat16), in wire order, zero-padded
-    to the global rank (set_wire_rank)."""
+def _to_wire(model: PeftModel, tensors: dict[str, torch.Tensor], dtype: type) -> list[np.ndarray]:
     arrays = []
-    for name, tensor in _wire_state(model).items():
-        local = tensor.detach().to(torch.float32).cpu().numpy()
-        array = np.zeros(_wire_shape(model, name, local.shape), np.float32)
+    for name, tensor in tensors.items():
+        local = tensor.detach().to(torch.float64 if dtype == np.float64 else torch.float32).cpu().numpy()
+        array = np.zeros(_wire_shape(model, name, local.shape), dtype)
         array[tuple(slice(0, n) for n in local.shape)] = local
         arrays.append(array)
     return arrays
+
+
+def adapter_to_arrays(model: PeftModel) -> list[np.ndarray]:
+    """The adapter's wire tensors as float32 arrays (ArrayRecord rejects bfloat16), in wire order, zero-padded
+    to the global rank (set_wire_rank)."""
+    return _to_wire(model, _wire_state(model), np.float32)
+
+
+def gradients_to_arrays(model: PeftModel, gradients: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Gradients keyed by parameter name (`model.named_parameters()`), as float64 arrays in the adapter's wire
+    order and shapes: what privacy=distributed_dp_sgd sends in place of the adapter.
+
+    Raises:
+        AdapterMismatch: a wire tensor has no gradient.
+    """
+    adapter = f".{model.active_adapter}"  # PEFT's state dict drops the adapter's name from parameter names
+    by_wire_name = {name.replace(adapter, ""): g for name, g in gradients.items()}
+    missing = [n for n in adapter_names(model) if n not in by_wire_name]
+    if missing:
+        raise AdapterMismatch(f"no gradient for adapter tensors {missing[:3]}")
+    return _to_wire(model, {n: by_wire_name[n] for n in adapter_names(model)}, np.float64)
 
 
 def arrays_to_adapter(model: PeftModel, arrays: list[np.ndarray]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
 """The file format: {"version", "parameters": {...}, "history": [{key, noise_multiplier, sample_rate, steps,
-epsilon}, ...]}; the parameters' plan figures are optional. Unchanged otherwise since the ledger lived in
+epsilon}, ...]}; the parameters' plan figures and shares are optional. Unchanged otherwise since the ledger lived in
 fedlm/privacy.py, so existing ledgers are read as they are."""
 
 
@@ -52,6 +53,9 @@ class LedgerParameters:
     """Lifetime DP-SGD steps the noise was calibrated for."""
     planned_epsilon: float = 0.0
     """The epsilon after exactly `planned_steps` steps."""
+    shares: int = 1
+    """privacy=distributed_dp_sgd: the noise shares (K_min) `noise_multiplier` counts on; this client's own share
+    alone has multiplier noise_multiplier / sqrt(shares). 1: the client adds all of its noise itself."""
 
     def __post_init__(self) -> None:
         numbers = (self.noise_multiplier, self.sample_rate, self.delta, self.target_epsilon)
@@ -61,6 +65,8 @@ class LedgerParameters:
                              f"target_epsilon={self.target_epsilon} (need > 0, sample_rate <= 1, delta < 1)")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant={self.accountant!r} is unknown; choose one of {list(ACCOUNTANTS)}")
+        if isinstance(self.shares, bool) or not isinstance(self.shares, int) or self.shares < 1:
+            raise ValueError(f"invalid ledger parameters: shares={self.shares!r} (need a whole number >= 1)")
         plan = (self.sequences, self.planned_steps, self.planned_epsilon)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in plan):
             raise ValueError(f"invalid plan figures: sequences={self.sequences}, planned_steps={self.planned_steps}, "
@@ -70,13 +76,14 @@ class LedgerParameters:
         return {"noise_multiplier": float(self.noise_multiplier), "sample_rate": float(self.sample_rate),
                 "delta": float(self.delta), "target_epsilon": float(self.target_epsilon),
                 "accountant": self.accountant, "sequences": int(self.sequences),
-                "planned_steps": int(self.planned_steps), "planned_epsilon": float(self.planned_epsilon)}
+                "planned_steps": int(self.planned_steps), "planned_epsilon": float(self.planned_epsilon),
+                "shares": int(self.shares)}
 
     def plan_metrics(self) -> dict[str, float]:
         """The plan as a client reports it with every update (metrics.jsonl, report.md)."""
         return {"plan_sequences": self.sequences, "plan_sample_rate": self.sample_rate,
                 "plan_batch": self.sample_rate * self.sequences, "plan_noise_multiplier": self.noise_multiplier,
-                "plan_steps": self.planned_steps, "plan_epsilon": self.planned_epsilon}
+                "plan_steps": self.planned_steps, "plan_epsilon": self.planned_epsilon, "plan_shares": self.shares}
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,16 @@ class LedgerState:
     def epsilon(self) -> float:
         """Cumulative epsilon over everything recorded (0 before the first record)."""
         return float(self.history[-1]["epsilon"]) if self.history else 0.0
+
+    def own_share_epsilon(self) -> float:
+        """The cumulative epsilon from this client's own noise alone (multiplier noise_multiplier / sqrt(shares)):
+        what remains if every other client of its rounds colluded with the server. Equal to `epsilon` when the
+        client adds all of its noise itself (shares = 1)."""
+        if self.parameters.shares == 1:
+            return self.epsilon
+        scale = math.sqrt(self.parameters.shares)
+        return epsilon_of([(e["noise_multiplier"] / scale, e["sample_rate"], e["steps"]) for e in self.history],
+                          self.parameters.delta, self.parameters.accountant)
 
     def has_spent(self, key: str) -> bool:
         """Whether the instruction `key` (e.g. "run 3 round 2") is recorded."""
@@ -136,7 +153,7 @@ class PrivacyLedger:
             if state["version"] != LEDGER_VERSION:
                 raise ValueError(f"version {state['version']!r}, this Pollinate reads {LEDGER_VERSION}")
             params, history = state["parameters"], state["history"]
-            plan = {k: params[k] for k in ("sequences", "planned_steps", "planned_epsilon") if k in params}
+            plan = {k: params[k] for k in ("sequences", "planned_steps", "planned_epsilon", "shares") if k in params}
             parameters = LedgerParameters(**{k: params[k] for k in ("noise_multiplier", "sample_rate", "delta",
                                                                      "target_epsilon", "accountant")}, **plan)
             if not isinstance(history, list):

@@ -65,6 +65,8 @@ def plan_privacy(settings: RunSettings, n: int) -> LedgerParameters:
     if n <= 0:
         raise ValueError(f"a client needs training sequences for DP-SGD (got n={n})")
     privacy, train = settings.privacy, settings.train
+    if privacy.distributed:
+        return _plan_distributed(settings, n)
     steps = planned_rounds(settings) * train.local_steps
     delta = resolve_delta(privacy, n)
     batch = auto_batch(settings, n, steps, delta) if train.batch_size == AUTO else train.batch_size
@@ -74,3 +76,20 @@ def plan_privacy(settings: RunSettings, n: int) -> LedgerParameters:
                             target_epsilon=privacy.target_epsilon, accountant=privacy.accountant, sequences=n,
                             planned_steps=steps,
                             planned_epsilon=epsilon_of([(noise, rate, steps)], delta, privacy.accountant))
+
+
+def _plan_distributed(settings: RunSettings, n: int) -> LedgerParameters:
+    """privacy=distributed_dp_sgd: one step per round at the common `privacy.sample_rate`, with the noise multiplier
+    every client computes alike from public settings (the server's sum carries it once K_min shares are in).
+
+    delta is `privacy.delta`, or 1e-5: one value for the whole federation, since every client's noise is the same.
+    """
+    privacy = settings.privacy
+    steps = planned_rounds(settings)
+    delta = privacy.delta or 1e-5
+    noise = calibrate_noise(privacy, sample_rate=privacy.sample_rate, steps=steps, delta=delta)
+    return LedgerParameters(noise_multiplier=noise, sample_rate=privacy.sample_rate, delta=delta,
+                            target_epsilon=privacy.target_epsilon, accountant=privacy.accountant, sequences=n,
+                            planned_steps=steps, shares=settings.server.min_replies,
+                            planned_epsilon=epsilon_of([(noise, privacy.sample_rate, steps)], delta,
+                                                       privacy.accountant))

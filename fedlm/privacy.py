@@ -259,6 +259,43 @@ def train_local_dp(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.
                        sequences=sequences, tokens=tokens, seconds=time.perf_counter() - start)
 
 
+def clipped_gradient_sum(model: nn.Module, train_ids: torch.Tensor, train_mask: torch.Tensor, rows: torch.Tensor,
+                         train: TrainSettings, privacy: PrivacySettings) -> dict[str, torch.Tensor]:
+    """The sum over `rows` of every sequence's gradient, each clipped to L2 norm `privacy.max_grad_norm` by
+    Opacus, keyed by trainable parameter name (zeros for an empty batch). No noise and no step: under
+    privacy=distributed_dp_sgd the client adds its share of the noise (fedlm/distributed_dp.py) and the server
+    steps. The model is left as it was found (no hooks, no per-sample state, no .grad)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters: apply a LoRA adapter first")
+    params = [p for _, p in named]
+    # The DPOptimizer is used only for its per-sample clipping and accumulation into p.summed_grad.
+    clipper = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0,
+                          max_grad_norm=privacy.max_grad_norm, expected_batch_size=1, loss_reduction="sum")
+    hooks = None
+    try:
+        if len(rows):
+            hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum")
+            model.train()
+            for chunk in rows.split(privacy.max_physical_batch_size):
+                with autocast(train.precision):
+                    per_seq = sequence_losses(model, train_ids[chunk], train_mask[chunk])
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # as in train_local_dp
+                    per_seq.sum().backward()  # "sum": each grad_sample is that sequence's own gradient
+                for p in params:  # clip in float32 whatever the compute dtype (see train_local_dp)
+                    p.grad_sample = p.grad_sample.float()
+                clipper.clip_and_accumulate()
+                for p in params:
+                    p.grad_sample, p.grad = None, None
+        return {name: (p.summed_grad.detach().clone() if getattr(p, "summed_grad", None) is not None
+                       else torch.zeros_like(p, dtype=torch.float32)) for name, p in named}
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+        _remove_opacus_state(model, params)
+
+
 # ---------------------------------------------------------------- client-level DP (the second layer)
 
 def clip_update(new: list[np.ndarray], old: list[np.ndarray], max_norm: float) -> list[np.ndarray]:

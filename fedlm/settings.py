@@ -247,7 +247,7 @@ class FederationSettings:
                f"({self.num_clients}); lower it or add clients")
 
 
-PRIVACY_MODES = ("disabled", "dp_sgd")
+PRIVACY_MODES = ("disabled", "dp_sgd", "distributed_dp_sgd")
 ACCOUNTANTS = ("prv", "rdp")
 
 
@@ -256,7 +256,8 @@ class PrivacySettings:
     """Sample-level differential privacy of each client's local training (Opacus DP-SGD on the adapter)."""
 
     name: str = "dp_sgd"
-    """`dp_sgd` or `disabled`."""
+    """`dp_sgd` (each client runs DP-SGD locally), `distributed_dp_sgd` (one central DP-SGD step per round, its
+    noise added in shares by the clients under SecAgg+: fedlm/distributed_dp.py) or `disabled`."""
     target_epsilon: float = 8.0
     """Lifetime budget of one client, over every round it ever joins."""
     delta: float = 0.0
@@ -273,6 +274,9 @@ class PrivacySettings:
     """The largest expected batch `train.batch_size=auto` may plan (each step's compute grows with it)."""
     accountant: str = "prv"
     """`prv` (tight; falls back to `rdp` where PRV fails) or `rdp` (a looser but valid bound)."""
+    sample_rate: float = 0.05
+    """`distributed_dp_sgd` only: the probability with which every client samples each of its sequences in every
+    round it joins. The same for all clients, so all of them compute the same noise multiplier."""
     update_clipping_norm: float = 0.0
     """Client-level DP, a second layer: each client clips its whole adapter update to this L2 norm and the
     server adds Gaussian noise to the (uniform) average. 0: off."""
@@ -298,10 +302,17 @@ class PrivacySettings:
         _check(self.max_physical_batch_size > 0,
                f"privacy.max_physical_batch_size must be > 0 (got {self.max_physical_batch_size})")
         _check(self.max_auto_batch > 0, f"privacy.max_auto_batch must be > 0 (got {self.max_auto_batch})")
+        _check(0 < self.sample_rate <= 1, f"privacy.sample_rate must be in (0, 1] (got {self.sample_rate}); try 0.05")
 
     @property
     def enabled(self) -> bool:
-        return self.name == "dp_sgd"
+        """Sample-level DP-SGD, on either path."""
+        return self.name != "disabled"
+
+    @property
+    def distributed(self) -> bool:
+        """One DP-SGD step per round over the union of the sampled clients' data, noised in shares."""
+        return self.name == "distributed_dp_sgd"
 
     @property
     def client_level(self) -> bool:
@@ -394,11 +405,15 @@ class ServerSettings:
     """Seconds the server waits for training and evaluation replies in one round; late replies are dropped."""
     min_replies: int = 2
     """Valid training replies below which a round is abandoned and the global adapter stays unchanged. At least
-    2: a sum of one update is that update, and publishing it would expose that client."""
+    2: a sum of one update is that update, and publishing it would expose that client. Under
+    privacy=distributed_dp_sgd it is K_min, the fewest noise shares a published sum may hold."""
+    eval_every: int = 1
+    """Federated evaluation every N rounds (and at the last); rounds of one DP-SGD step each need fewer."""
 
     def __post_init__(self) -> None:
         _check(self.save_every >= 0, f"server.save_every must be >= 0 (got {self.save_every})")
         _check(self.round_timeout > 0, f"server.round_timeout must be > 0 seconds (got {self.round_timeout})")
+        _check(self.eval_every > 0, f"server.eval_every must be > 0 (got {self.eval_every})")
         _check(self.min_replies >= 2, f"server.min_replies must be >= 2 (got {self.min_replies}): a round "
                "published from one reply is that client's update")
 
@@ -471,6 +486,12 @@ class RunSettings:
                f"server.min_replies={self.server.min_replies} exceeds federation.clients_per_round="
                f"{fed.clients_per_round}: no round could ever complete; sample at least {self.server.min_replies} "
                "clients per round")
+        if self.privacy.distributed:
+            _check(secagg.enabled, "privacy=distributed_dp_sgd adds each client's share of the noise under secure "
+                   "aggregation: without it the server would see every share, each far too little noise alone; "
+                   "use secagg=secaggplus, or privacy=dp_sgd")
+            _check(not self.privacy.client_level, "privacy=distributed_dp_sgd sends gradient sums, not updates, "
+                   "so client-level DP's update clipping does not apply; set privacy.update_clipping_norm=0")
         if secagg.enabled:
             _check(secagg.timeout <= self.server.round_timeout,
                    f"secagg.timeout={secagg.timeout:g} exceeds server.round_timeout={self.server.round_timeout:g}: a "

@@ -73,7 +73,8 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     initial = ndarrays_to_parameters(resumed.arrays if resumed else adapter_to_arrays(model))
     strategy = ValidatedReplies(build_strategy(settings, initial, central_evaluator(settings, model, tokenizer)),
                                 initial, min_replies=settings.server.min_replies,
-                                max_weight=settings.federation.max_client_weight)
+                                max_weight=settings.federation.max_client_weight,
+                                all_or_nothing=settings.privacy.distributed)
     first_round = 0
     if resumed:
         load_strategy_state(strategy, resumed.strategy_state, Path(settings.resume))
@@ -84,7 +85,7 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
                            client_manager=StableClientManager(metered, settings.seed, settings.server.round_timeout,
                                                               balanced=not settings.privacy.client_level))
     recorder = RunRecorder(out_dir, model, settings, first_round)
-    RoundLoop(recorder, build_fit_workflow(settings), first_round)(metered, legacy)
+    RoundLoop(recorder, build_fit_workflow(settings), first_round, settings.server.eval_every)(metered, legacy)
     report = write_report(out_dir, settings)
     log(logging.INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)
 

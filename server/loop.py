@@ -25,6 +25,7 @@ from flwr.server.workflow.default_workflows import (
     default_init_params_workflow,
 )
 
+from fedlm.distributed_dp import WIRE_LEVELS, sum_range
 from fedlm.settings import SECAGG_MODULUS, RunSettings
 from server.metering import MeteredGrid
 from server.record import RoundRecord
@@ -42,10 +43,11 @@ class RoundLoop:
     """
 
     def __init__(self, on_round_end: RoundHook, fit_workflow: Workflow = default_fit_workflow,
-                 first_round: int = 0) -> None:
+                 first_round: int = 0, eval_every: int = 1) -> None:
         self.on_round_end = on_round_end
         self.fit_workflow = fit_workflow
         self.first_round = first_round
+        self.eval_every = eval_every
 
     def __call__(self, grid: MeteredGrid, context: LegacyContext) -> None:
         strategy: ValidatedReplies = context.strategy  # server/app.py builds both
@@ -66,10 +68,13 @@ class RoundLoop:
                 grid.record, grid.stage = record, "fit"
                 strategy.begin(record)
                 config[Key.CURRENT_ROUND] = clients.server_round = server_round  # the round seeds its cohort
+                evaluated = server_round % self.eval_every == 0 or server_round == context.config.num_rounds
                 if server_round:
                     self.fit(grid, context, record)
-                    default_centralized_evaluation_workflow(grid, context)
-                default_evaluate_workflow(grid, context)
+                    if evaluated:
+                        default_centralized_evaluation_workflow(grid, context)
+                if evaluated:
+                    default_evaluate_workflow(grid, context)
                 record.seconds = time.perf_counter() - start
                 self.on_round_end(record, context)
         finally:
@@ -94,8 +99,13 @@ class RoundLoop:
 class RecordedSecAggPlus(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, naming in the round record the protocol stage at which a round halted.
 
-    Flower only logs "Secure aggregation halted." and returns; without this the round looked completed.
+    Flower only logs "Secure aggregation halted." and returns; without this the round looked completed. It never
+    unmasks a sum of fewer than `min_shares` clients' vectors.
     """
+
+    def __init__(self, *, min_shares: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.min_shares = min_shares
 
     def _staged(self, name: str, stage, grid: MeteredGrid, context: LegacyContext, state) -> bool:
         grid.stage = f"secagg {name}"
@@ -119,6 +129,12 @@ class RecordedSecAggPlus(SecAggPlusWorkflow):
                             grid, context, state)
 
     def unmask_stage(self, grid, context, state) -> bool:
+        active = len(state.active_node_ids)
+        if active < self.min_shares:  # privacy=distributed_dp_sgd: a sum of fewer shares holds too little noise
+            grid.stage = "secagg unmask"
+            grid.record.abandon(grid.stage, f"{active} noise shares left after the masked-vector stage, fewer than "
+                                f"server.min_replies={self.min_shares}: the sum is never unmasked")
+            return False
         return self._staged("unmask", super().unmask_stage, grid, context, state)
 
 
@@ -127,12 +143,15 @@ def build_fit_workflow(settings: RunSettings) -> Workflow:
     secagg = settings.secagg
     if not secagg.enabled:
         return default_fit_workflow
+    # privacy=distributed_dp_sgd puts its own integers on the wire: the range and levels are its grid's.
+    distributed = settings.privacy.distributed
     return RecordedSecAggPlus(
+        min_shares=settings.server.min_replies if distributed else 0,
         num_shares=secagg.num_shares,
         reconstruction_threshold=secagg.reconstruction_threshold,
         max_weight=float(settings.federation.max_client_weight),
-        clipping_range=secagg.clipping_range,
-        quantization_range=secagg.quantization_range,
+        clipping_range=sum_range(settings) if distributed else secagg.clipping_range,
+        quantization_range=WIRE_LEVELS if distributed else secagg.quantization_range,
         modulus_range=SECAGG_MODULUS,
         # Clients train inside the masked-vector stage: it gets the round's whole budget (secagg.timeout=0).
         timeout=secagg.timeout or settings.server.round_timeout,

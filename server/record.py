@@ -53,15 +53,15 @@ class RoundRecord:
 
     def row(self) -> dict[str, Any]:
         """The metrics.jsonl row: the round's summaries first, then the per-client detail they come from."""
-        weights = [float(m["num_examples"]) for m in self.trained]
+        losses = [(float(m["num_examples"]), float(m["train_loss"])) for m in self.trained if "train_loss" in m]
         epsilons = [float(m["epsilon"]) for m in self.trained if "epsilon" in m]
         tokens = sum(float(e["tokens"]) for e in self.evaluated)
         eval_loss = sum(float(e["loss"]) * float(e["tokens"]) for e in self.evaluated) / tokens if tokens else None
         ppl = [float(e["perplexity"]) for e in self.evaluated]
         row: dict[str, Any] = {
             "round": self.round,
-            "train_loss": (sum(w * float(m["train_loss"]) for w, m in zip(weights, self.trained)) / sum(weights)
-                           if self.trained else None),
+            # privacy=distributed_dp_sgd clients report no training loss: it would leak outside the mechanism
+            "train_loss": sum(w * loss for w, loss in losses) / sum(w for w, _ in losses) if losses else None,
             "eval_loss": eval_loss,  # token-weighted, so exp(loss) is the usual held-out perplexity
             "eval_perplexity": None if eval_loss is None else perplexity(eval_loss),
             "eval_perplexity_worst": max(ppl) if ppl else None,
@@ -85,6 +85,9 @@ class RoundRecord:
         if epsilons:  # each is that client's cumulative spend over every round it joined
             row |= {"epsilon_max": max(epsilons), "epsilon_mean": sum(epsilons) / len(epsilons),
                     "delta": max(float(m["delta"]) for m in self.trained if "delta" in m)}
+            alone = [float(m["epsilon_alone"]) for m in self.trained if "epsilon_alone" in m]
+            if alone:  # distributed DP: the guarantee of a client's own noise share, if all others collude
+                row["epsilon_alone_max"] = max(alone)
         row |= self.aggregate
         if self.central:
             row |= {"central_loss": self.central["loss"], "central_perplexity": perplexity(self.central["loss"]),

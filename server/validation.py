@@ -49,8 +49,12 @@ def reply_problem(res: FitRes, server_round: int, shapes: list[tuple[int, ...]])
 class ValidatedReplies(StrategyWrapper):
     """Delegates to `inner` after dropping malformed replies; writes what it saw into the round's record."""
 
-    def __init__(self, inner: Strategy, initial: Parameters, *, min_replies: int, max_weight: int) -> None:
+    def __init__(self, inner: Strategy, initial: Parameters, *, min_replies: int, max_weight: int,
+                 all_or_nothing: bool = False) -> None:
         super().__init__(inner)
+        self.all_or_nothing = all_or_nothing
+        """privacy=distributed_dp_sgd: the unmasked sum holds every reply's share, so a dropped reply (whose
+        share cannot be taken out again) loses the round rather than skew the sum's decoding."""
         self.shapes = [a.shape for a in parameters_to_ndarrays(initial)]
         self.min_replies = min_replies
         self.max_weight = max_weight
@@ -79,6 +83,11 @@ class ValidatedReplies(StrategyWrapper):
             valid.append((proxy, res))
         # Their privacy is spent whether or not the round publishes: keep what they reported either way.
         self.record.trained = [dict(res.metrics, num_examples=res.num_examples) for _, res in valid]
+        if self.all_or_nothing and len(valid) < len(results):
+            reason = f"{len(results) - len(valid)} of {len(results)} replies dropped; their shares are in the sum"
+            log(logging.WARNING, "round %d abandoned: %s; the global adapter is unchanged", server_round, reason)
+            self.record.abandon("aggregate", reason)
+            return None, {}
         if len(valid) < self.min_replies:
             reason = f"{len(valid)} valid replies, server.min_replies={self.min_replies}"
             log(logging.WARNING, "round %d abandoned: %s; the global adapter is unchanged", server_round, reason)

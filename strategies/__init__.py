@@ -8,6 +8,7 @@ from flwr.server.strategy import Strategy
 from fedlm.privacy import resolve_delta
 from fedlm.settings import ConfigError, RunSettings
 from strategies.client_dp import ClientLevelDP
+from strategies.distributed_dp import build_central_dp_sgd, check_distributed
 from strategies.fedavg import FEDAVG, FEDPROX, FROZEN_A
 from strategies.server_opt import FEDADAGRAD, FEDADAM, FEDYOGI
 from strategies.spec import EvaluateFn, StrategySpec
@@ -48,6 +49,8 @@ def check_strategy(settings: RunSettings) -> StrategySpec:
         raise ConfigError(f"strategy.lr_schedule={s.lr_schedule} schedules a server optimiser's learning rate, "
                           f"and strategy={s.name} has none; use one of {optimizers} or strategy.lr_schedule=constant")
     spec.check(settings)
+    if settings.privacy.distributed:
+        check_distributed(spec, settings)
     return spec
 
 
@@ -57,8 +60,11 @@ def build_strategy(settings: RunSettings, initial: Parameters, evaluate_fn: Eval
     Raises:
         ConfigError: see check_strategy.
     """
-    strategy = check_strategy(settings).build_strategy(settings, initial, evaluate_fn)
+    spec = check_strategy(settings)
     privacy, fed = settings.privacy, settings.federation
+    if privacy.distributed:  # the mode's own aggregation: one central DP-SGD step
+        return build_central_dp_sgd(spec, settings, initial, evaluate_fn)
+    strategy = spec.build_strategy(settings, initial, evaluate_fn)
     if privacy.client_level:
         strategy = ClientLevelDP(strategy, clipping_norm=privacy.update_clipping_norm,
                                  noise_multiplier=privacy.update_noise_multiplier,

@@ -46,7 +46,7 @@ def test_the_noise_is_calibrated_once_and_every_round_is_recorded_before_it_retu
     assert calls.plan == [40]
     assert first == {"epsilon": pytest.approx(epsilon_of([(1.5, 0.25, 5)], 1e-5), abs=1e-9), "delta": 1e-5,
                      "noise_multiplier": 1.5, "plan_sequences": 40, "plan_sample_rate": 0.25, "plan_batch": 10.0,
-                     "plan_noise_multiplier": 1.5, "plan_steps": 20, "plan_epsilon": 7.0}
+                     "plan_noise_multiplier": 1.5, "plan_steps": 20, "plan_epsilon": 7.0, "plan_shares": 1}
     _, second = client.train_private(server_round=2)
     assert len(calls.plan) == 1  # the ledger exists: its lifetime plan is used
     assert [(c["noise_multiplier"], c["sample_rate"]) for c in calls.train] == [(1.5, 0.25), (1.5, 0.25)]
