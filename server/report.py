@@ -47,6 +47,16 @@ def privacy_lines(rows: list[dict], settings: RunSettings) -> list[str]:
     spent = [r for r in rows if r.get("epsilon_max") is not None]
     last = spent[-1] if spent else {}
     declined = sum(r.get("clients_declined", 0) for r in rows)
+    if privacy.distributed:
+        lines += [
+            f"Federation-wide DP-SGD (`privacy=distributed_dp_sgd`): each round is one central DP-SGD step over the "
+            f"union of the sampled clients' Poisson batches (rate {privacy.sample_rate:g} per sequence). Each "
+            f"client adds discrete Gaussian noise of std sigma x C / sqrt(K_min), K_min = server.min_replies = "
+            f"{settings.server.min_replies}, to its clipped gradient sum before SecAgg+; the server unmasks only "
+            "sums of at least K_min shares. The epsilon below holds while at least K_min clients of each round "
+            "add their share honestly; if every other client colludes with the server, a client keeps the "
+            f"guarantee of its own share alone: at most **{last.get('epsilon_alone_max', 0):.3f}** after round "
+            f"{last.get('round', 0)}.", ""]
     return lines + [
         f"Differential privacy: DP-SGD on every client (sample-level: the privacy unit is one training sequence of "
         f"up to {settings.dataset.seq_len} tokens), lifetime budget epsilon = {privacy.target_epsilon:g} per "

@@ -23,10 +23,15 @@ def plan_table(settings: RunSettings, sizes: list[int], out=print) -> None:
     """Print one row per client as its plan is computed (each takes a few seconds)."""
     privacy, fed = settings.privacy, settings.federation
     rounds = planned_rounds(settings)
+    steps = 1 if privacy.distributed else settings.train.local_steps
     out(f"Privacy plans: target epsilon {privacy.target_epsilon:g} per client over its lifetime, "
         f"{privacy.accountant.upper()} accounting, clipping norm {privacy.max_grad_norm:g}; each client is asked "
         f"to join {rounds} of {fed.rounds} rounds ({fed.clients_per_round} of {fed.num_clients} per round) and "
-        f"takes {settings.train.local_steps} steps in each.")
+        f"takes {steps} step{'s' if steps > 1 else ''} in each.")
+    if privacy.distributed:
+        out(f"privacy=distributed_dp_sgd: the noise multiplier is the round sum's, once server.min_replies="
+            f"{settings.server.min_replies} clients add their share; each client's own share alone has "
+            f"multiplier sigma / sqrt({settings.server.min_replies}).")
     out("")
     out("| client | sequences n | sampling rate q | expected batch | noise multiplier | lifetime steps "
         "| delta | projected epsilon |")

@@ -53,7 +53,7 @@ class CentralDPSGD(FedAvg):
         for i, w in enumerate(self.weights):
             for key, value in self.optimizer.state.get(w, {}).items():
                 if value is not None:
-                    state[f"{key}.{i}"] = np.asarray(value.detach().numpy() if torch.is_tensor(value) else value)
+                    state[f"{key}.{i}"] = np.array(value.detach().numpy() if torch.is_tensor(value) else value)
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -74,7 +74,7 @@ class CentralDPSGD(FedAvg):
         for i, (w, a) in enumerate(zip(self.weights, weights)):
             w.data.copy_(torch.from_numpy(np.asarray(a, np.float32)))
             if saved:
-                self.optimizer.state[w] = {key: torch.as_tensor(state[f"{key}.{i}"]) for key in saved}
+                self.optimizer.state[w] = {key: torch.tensor(state[f"{key}.{i}"]) for key in saved}
 
 
 def _state_keys(train) -> set[str]:
