@@ -15,7 +15,7 @@ from flwr.client import NumPyClient
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlm.adapter import adapter_to_arrays, arrays_to_adapter, gradients_to_arrays
+from fedlm.adapter import WireFormat
 from fedlm.data import ClientData, client_data_path, prepare_device_data
 from fedlm.model import apply_lora, load_base_model
 from fedlm.distributed_dp import encode_share, grid_step, rounded_sensitivity, secret_rng
@@ -66,6 +66,7 @@ class LoraClient(NumPyClient):
         lower = (self.rank,) if self.rank < settings.lora.r else ()
         self.model, tokenizer = worker_model(settings.model, settings.lora, settings.seed, settings.cache_dir,
                                              frozen_a, *lower)
+        self.wire = WireFormat.of(self.model, settings.lora.r, frozen_a=frozen_a, secure=settings.secagg.enabled)
         data_path = self.node_config.get("data-path")
         if data_path:  # a device: its own private text, tokenized once and cached in its state directory
             self.data = prepare_device_data(str(data_path), settings, tokenizer, self.state_dir / "data")
@@ -88,11 +89,11 @@ class LoraClient(NumPyClient):
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         self.load(config)
-        return adapter_to_arrays(self.model)
+        return self.wire.to_arrays(self.model)
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
         self.load(config)
-        arrays_to_adapter(self.model, parameters)
+        self.wire.load(self.model, parameters)
         server_round, prox_mu = int(config.get(ROUND, 0)), float(config.get(PROXIMAL_MU, 0.0))
         if self.settings.privacy.distributed:
             return self.noisy_gradient_share(server_round)
@@ -108,7 +109,7 @@ class LoraClient(NumPyClient):
         # "round" lets the server drop a reply that answers an earlier round's instructions.
         metrics |= {"train_loss": result.loss, "train_seconds": result.seconds,
                     "train_tokens": result.tokens, "client": self.partition_id, ROUND: server_round}
-        arrays = adapter_to_arrays(self.model)
+        arrays = self.wire.to_arrays(self.model)
         # The weight a client may claim is capped (SecAgg+ also needs weight / cap <= 1 to avoid overflow).
         weight = min(len(self.data.train), self.settings.federation.max_client_weight)
         if self.settings.privacy.client_level:
@@ -116,10 +117,7 @@ class LoraClient(NumPyClient):
             arrays, weight = clip_update(arrays, parameters, self.settings.privacy.update_clipping_norm), 1
         if self.settings.secagg.enabled:
             self.check_clipping_range(arrays)
-            # SecAgg+ quantizes on this side, in the arrays' dtype: float32 cannot resolve 2^30 levels (its
-            # 24-bit mantissa loses ~64 of them). Only the masked integers travel, so precision is free.
-            arrays = [a.astype(np.float64) for a in arrays]
-        return arrays, weight, metrics
+        return self.wire.reply(arrays), weight, metrics
 
     def train_private(self, server_round: int, prox_mu: float = 0.0) -> tuple[TrainResult, dict]:
         """DP-SGD within the client's lifetime budget; the spend is on disk before the update leaves.
@@ -178,7 +176,7 @@ class LoraClient(NumPyClient):
         rows = poisson_batches(n, params.sample_rate, 1, secrets.randbits(63))[0]
         gradients = clipped_gradient_sum(self.model, self.data.train, self.data.train_mask, rows, settings.train,
                                          settings.privacy)
-        arrays = gradients_to_arrays(self.model, gradients)
+        arrays = self.wire.gradients_to_arrays(self.model, gradients)
         grid = grid_step(settings)
         clip = rounded_sensitivity(settings.privacy.max_grad_norm, sum(a.size for a in arrays), grid)
         noise_std = params.noise_multiplier * clip / math.sqrt(params.shares)
@@ -222,7 +220,7 @@ class LoraClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple[float, int, dict]:
         self.load(config)
-        arrays_to_adapter(self.model, parameters)
+        self.wire.load(self.model, parameters)
         limit = self.settings.train.max_eval_sequences
         loss, tokens = evaluate(self.model, self.data.eval[:limit], self.data.eval_mask[:limit])
         return loss, tokens, {"perplexity": perplexity(loss), "client": self.partition_id}

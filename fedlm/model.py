@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from fedlm.adapter import freeze_lora_a, set_wire_rank
+from fedlm.adapter import freeze_lora_a
 from fedlm.embedded import ensure_embedded_base
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, check_client_rank
 
@@ -127,9 +127,9 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, frozen
                rank: int | None = None) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter; A is drawn from `seed` so every party builds the same one.
 
-    `frozen_a` (FFA-LoRA): A stays fixed and off the wire; only B is trained and sent (fedlm.adapter).
-    `rank` (heterogeneous ranks, <= settings.r): this party trains a smaller adapter, but its wire arrays
-    keep the global rank settings.r (truncated on the way in, zero-padded on the way out: fedlm.adapter).
+    `frozen_a` (FFA-LoRA): A stays fixed; only B is trained (and sent: fedlm.adapter.WireFormat).
+    `rank` (heterogeneous ranks, <= settings.r): this party trains a smaller adapter; its WireFormat keeps the
+    global rank settings.r (truncated on the way in, zero-padded on the way out).
     """
     model_type = model.config.model_type
     rank = check_client_rank(rank or settings.r, settings.r, "lora rank")
@@ -149,5 +149,4 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, frozen
                           f"{model_type} model ({err}); leave it empty to choose per architecture") from None
     if frozen_a:
         freeze_lora_a(peft_model)
-    set_wire_rank(peft_model, settings.r)
     return peft_model

@@ -13,7 +13,7 @@ from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.serverapp import Grid
 from peft import PeftModel
 
-from fedlm.adapter import adapter_to_arrays, arrays_to_adapter
+from fedlm.adapter import WireFormat
 from fedlm.data import load_texts, pack_texts, prepare_federation
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings, check_resumable, settings_from_run_config
@@ -40,7 +40,7 @@ def prepared_by_launcher(out_dir: Path, settings: RunSettings) -> bool:
         return False
 
 
-def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> EvaluateFn | None:
+def central_evaluator(settings: RunSettings, model: PeftModel, wire: WireFormat, tokenizer) -> EvaluateFn | None:
     """Evaluation of the global adapter on server-side held-out text, if `server.central_eval_path` is set."""
     if not settings.server.central_eval_path:
         return None
@@ -48,7 +48,7 @@ def central_evaluator(settings: RunSettings, model: PeftModel, tokenizer) -> Eva
     ids, mask = pack_texts(texts, tokenizer, settings.dataset.seq_len)
 
     def evaluate_fn(server_round: int, arrays: list, config: dict) -> tuple[float, dict]:
-        arrays_to_adapter(model, arrays)
+        wire.load(model, arrays)
         loss, tokens = evaluate(model, ids, mask)
         return loss, {"tokens": tokens}
 
@@ -70,9 +70,10 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     if settings.deployment.name == "simulation" and not prepared_by_launcher(out_dir, settings):
         prepare_federation(settings, tokenizer, out_dir / "data")
     model = apply_lora(base, settings.lora, settings.seed, frozen_a=spec.frozen_a)
-    initial = ndarrays_to_parameters(resumed.arrays if resumed else adapter_to_arrays(model))
-    strategy = ValidatedReplies(build_strategy(settings, initial, central_evaluator(settings, model, tokenizer)),
-                                initial, min_replies=settings.server.min_replies,
+    wire = WireFormat.of(model, settings.lora.r, frozen_a=spec.frozen_a, secure=settings.secagg.enabled)
+    initial = ndarrays_to_parameters(resumed.arrays if resumed else wire.to_arrays(model))
+    strategy = ValidatedReplies(build_strategy(settings, initial, central_evaluator(settings, model, wire, tokenizer)),
+                                wire, min_replies=settings.server.min_replies,
                                 max_weight=settings.federation.max_client_weight,
                                 all_or_nothing=settings.privacy.distributed)
     first_round = 0
@@ -84,7 +85,7 @@ def run_federation(grid: Grid, context: Context, settings: RunSettings) -> None:
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=settings.federation.rounds), strategy=strategy,
                            client_manager=StableClientManager(metered, settings.seed, settings.server.round_timeout,
                                                               balanced=not settings.privacy.client_level))
-    recorder = RunRecorder(out_dir, model, settings, first_round)
+    recorder = RunRecorder(out_dir, model, wire, settings, first_round)
     RoundLoop(recorder, build_fit_workflow(settings), first_round, settings.server.eval_every)(metered, legacy)
     report = write_report(out_dir, settings)
     log(logging.INFO, "Adapter saved to %s; report at %s", out_dir / "adapter", report)

@@ -14,7 +14,7 @@ from flwr.server import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from peft import PeftModel
 
-from fedlm.adapter import arrays_to_adapter, save_adapter
+from fedlm.adapter import WireFormat, save_adapter
 from fedlm.files import write_atomic
 from fedlm.settings import RunSettings
 from server.checkpoint import write_state
@@ -29,9 +29,11 @@ def global_arrays(context: LegacyContext) -> list:
 class RunRecorder:
     """Called by the round loop with every round's record (round 0 included): writes and commits it."""
 
-    def __init__(self, out_dir: Path, model: PeftModel, settings: RunSettings, first_round: int = 0) -> None:
+    def __init__(self, out_dir: Path, model: PeftModel, wire: WireFormat, settings: RunSettings,
+                 first_round: int = 0) -> None:
         self.out_dir = out_dir
         self.model = model
+        self.wire = wire
         self.settings = settings
         self.rounds = settings.federation.rounds
         self.metrics_path = out_dir / "metrics.jsonl"
@@ -55,7 +57,7 @@ class RunRecorder:
         write_state(self.out_dir, server_round, arrays, context.strategy, self.settings)  # the commit point
         save_every = self.settings.server.save_every
         if server_round == self.rounds or (save_every and server_round and server_round % save_every == 0):
-            arrays_to_adapter(self.model, arrays)
+            self.wire.load(self.model, arrays)
             target = "adapter" if server_round == self.rounds else f"checkpoints/round_{server_round:04d}"
             (self.out_dir / target).parent.mkdir(parents=True, exist_ok=True)
             save_adapter(self.model, self.out_dir / target)

@@ -19,11 +19,12 @@ from flwr.common.logger import log
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from fedlm.adapter import WireFormat
 from server.record import RoundRecord
 from strategies.wrapper import StrategyWrapper
 
 
-def reply_problem(res: FitRes, server_round: int, shapes: list[tuple[int, ...]]) -> str | None:
+def reply_problem(res: FitRes, server_round: int, wire: WireFormat) -> str | None:
     """Why a training reply cannot be aggregated, or None when it can."""
     answered = res.metrics.get("round")
     if answered != server_round:
@@ -34,28 +35,19 @@ def reply_problem(res: FitRes, server_round: int, shapes: list[tuple[int, ...]])
         arrays = parameters_to_ndarrays(res.parameters)
     except Exception as error:  # any decoding failure means the same thing: garbage on the wire
         return f"its tensors do not decode ({type(error).__name__})"
-    if len(arrays) != len(shapes):
-        return f"it has {len(arrays)} tensors, the adapter has {len(shapes)}"
-    for i, (array, shape) in enumerate(zip(arrays, shapes)):
-        if array.shape != shape:
-            return f"tensor {i} has shape {array.shape}, expected {shape}"
-        if not np.issubdtype(array.dtype, np.floating):
-            return f"tensor {i} has dtype {array.dtype}, expected a float type"
-        if not np.isfinite(array).all():
-            return f"tensor {i} holds NaN or Inf"
-    return None
+    return wire.problem(arrays)
 
 
 class ValidatedReplies(StrategyWrapper):
     """Delegates to `inner` after dropping malformed replies; writes what it saw into the round's record."""
 
-    def __init__(self, inner: Strategy, initial: Parameters, *, min_replies: int, max_weight: int,
+    def __init__(self, inner: Strategy, wire: WireFormat, *, min_replies: int, max_weight: int,
                  all_or_nothing: bool = False) -> None:
         super().__init__(inner)
         self.all_or_nothing = all_or_nothing
         """privacy=distributed_dp_sgd: the unmasked sum holds every reply's share, so a dropped reply (whose
         share cannot be taken out again) loses the round rather than skew the sum's decoding."""
-        self.shapes = [a.shape for a in parameters_to_ndarrays(initial)]
+        self.wire = wire
         self.min_replies = min_replies
         self.max_weight = max_weight
         self.record = RoundRecord(0)
@@ -74,7 +66,7 @@ class ValidatedReplies(StrategyWrapper):
         valid, seen = [], set()
         for proxy, res in results:
             problem = "a second reply from the same node" if proxy.cid in seen else \
-                reply_problem(res, server_round, self.shapes)
+                reply_problem(res, server_round, self.wire)
             if problem:
                 self._drop(server_round, proxy, res, problem)
                 continue

@@ -44,7 +44,7 @@ def check_strategy(settings: RunSettings) -> StrategySpec:
     if not spec.proximal and s.mu > 0:
         raise ConfigError(f"strategy.mu={s.mu} is FedProx's proximal weight, which strategy={s.name} ignores; "
                           "use strategy=fedprox, or leave strategy.mu at 0")
-    if s.lr_schedule != "constant" and not spec.server_optimizer:
+    if s.lr_schedule != "constant" and not (spec.server_optimizer or settings.privacy.distributed):
         optimizers = sorted(n for n, other in STRATEGIES.items() if other.server_optimizer)
         raise ConfigError(f"strategy.lr_schedule={s.lr_schedule} schedules a server optimiser's learning rate, "
                           f"and strategy={s.name} has none; use one of {optimizers} or strategy.lr_schedule=constant")

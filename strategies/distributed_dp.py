@@ -12,12 +12,14 @@ from fedlm.distributed_dp import decode_sum, grid_step
 from fedlm.settings import ConfigError, RunSettings
 from fedlm.training import make_optimizer
 from strategies.fedavg import fedavg_options
+from strategies.server_opt import server_learning_rate
 from strategies.spec import EvaluateFn, StrategySpec
 
 
 class CentralDPSGD(FedAvg):
     """FedAvg's sampling and evaluation; aggregation is one step of `train.optimizer` on the global adapter along
-    the mean noisy gradient: the unmasked sum of the clients' shares over the expected batch of the round.
+    the mean noisy gradient: the unmasked sum of the clients' shares over the expected batch of the round. Its
+    learning rate follows `strategy.lr_schedule` (cosine: from train.learning_rate down over the rounds).
 
     The sum already carries the full noise (fedlm/distributed_dp.py), so the step, and any optimiser state built
     from it, is post-processing: the server's optimiser costs no privacy, whichever it is.
@@ -27,6 +29,7 @@ class CentralDPSGD(FedAvg):
         super().__init__(**options)
         self.grid = grid_step(settings)
         self.train = settings.train
+        self.schedule, self.rounds = settings.strategy.lr_schedule, settings.federation.rounds
         self.sample_rate = settings.privacy.sample_rate
         self.weights = [torch.nn.Parameter(torch.from_numpy(a.astype(np.float32)))
                         for a in parameters_to_ndarrays(options["initial_parameters"])]
@@ -42,10 +45,13 @@ class CentralDPSGD(FedAvg):
         for weight, total in zip(self.weights, sums):
             weight.grad = torch.from_numpy(total / expected_batch).to(weight.dtype)
         norm = float(torch.sqrt(sum((w.grad.double() ** 2).sum() for w in self.weights)))
+        lr = server_learning_rate(self.train.learning_rate, self.schedule, server_round, self.rounds)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return (ndarrays_to_parameters([w.detach().numpy().copy() for w in self.weights]),
-                {"expected_batch": expected_batch, "noisy_gradient_norm": norm})
+                {"expected_batch": expected_batch, "noisy_gradient_norm": norm, "server_learning_rate": lr})
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The global adapter the optimiser steps and its state (momentum, or Adam's moments and step count)."""

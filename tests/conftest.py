@@ -95,3 +95,11 @@ def fit_reply(arrays: list, n: int, server_round: int = 1, node: str = "1", **me
 
     metrics = {"train_loss": 1.0, "train_seconds": 1.0, "train_tokens": 1, "round": server_round} | metrics
     return SimpleNamespace(cid=node), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, metrics)
+
+
+def wire_of(model, rank: int | None = None):
+    """A test adapter's wire format: at its own rank unless a global `rank` is given; frozen A as the model has it."""
+    from fedlm.adapter import WireFormat
+
+    frozen_a = not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)
+    return WireFormat.of(model, rank or model.peft_config[model.active_adapter].r, frozen_a=frozen_a)

@@ -6,7 +6,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedlm.adapter import AdapterMismatch, adapter_names, adapter_to_arrays, arrays_to_adapter, save_adapter
+from fedlm.adapter import AdapterMismatch, save_adapter
+from tests.conftest import wire_of
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import LoraSettings, ModelSettings
 
@@ -19,17 +20,17 @@ def llama_lora(tiny_llama_dir):
 
 def test_round_trip_restores_every_tensor_exactly(llama_lora):
     model, _ = llama_lora
-    arrays = adapter_to_arrays(model)
+    arrays = wire_of(model).to_arrays(model)
     assert all(a.dtype == np.float32 for a in arrays)
     changed = [a + np.float32(0.5) for a in arrays]
-    arrays_to_adapter(model, changed)
-    for got, want in zip(adapter_to_arrays(model), changed):
+    wire_of(model).load(model, changed)
+    for got, want in zip(wire_of(model).to_arrays(model), changed):
         np.testing.assert_array_equal(got, want)
 
 
 def test_only_lora_tensors_of_every_projection_travel(llama_lora):
     model, _ = llama_lora
-    names = adapter_names(model)
+    names = list(wire_of(model).names)
     assert all(("lora_A" in n) or ("lora_B" in n) for n in names)
     # 2 layers x 7 projections x (A, B); lm_head never adapted
     assert len(names) == 2 * 7 * 2
@@ -38,8 +39,8 @@ def test_only_lora_tensors_of_every_projection_travel(llama_lora):
 
 def test_same_seed_builds_the_same_initial_adapter(tiny_llama_dir):
     settings = ModelSettings(name_or_path=str(tiny_llama_dir))
-    a = adapter_to_arrays(apply_lora(load_base_model(settings)[0], LoraSettings(), seed=3))
-    b = adapter_to_arrays(apply_lora(load_base_model(settings)[0], LoraSettings(), seed=3))
+    a, b = (apply_lora(load_base_model(settings)[0], LoraSettings(), seed=3) for _ in range(2))
+    a, b = wire_of(a).to_arrays(a), wire_of(b).to_arrays(b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -51,16 +52,16 @@ def test_same_seed_builds_the_same_initial_adapter(tiny_llama_dir):
 ])
 def test_bad_arrays_are_refused_and_the_model_is_untouched(llama_lora, corrupt, message):
     model, _ = llama_lora
-    before = adapter_to_arrays(model)
+    before = wire_of(model).to_arrays(model)
     with pytest.raises(AdapterMismatch, match=message):
-        arrays_to_adapter(model, corrupt(before))
-    for got, want in zip(adapter_to_arrays(model), before):
+        wire_of(model).load(model, corrupt(before))
+    for got, want in zip(wire_of(model).to_arrays(model), before):
         np.testing.assert_array_equal(got, want)
 
 
 def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(llama_lora, tiny_llama_dir, tmp_path):
     model, _ = llama_lora
-    arrays_to_adapter(model, [a + 0.01 for a in adapter_to_arrays(model)])
+    wire_of(model).load(model, [a + 0.01 for a in wire_of(model).to_arrays(model)])
     save_adapter(model, tmp_path / "adapter")
     save_adapter(model, tmp_path / "adapter")  # replacing an existing one works too
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
@@ -72,6 +73,6 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(llama_lora, tin
 def test_gpt2_gets_its_conv1d_projections_adapted(tiny_gpt2_dir):
     base, _ = load_base_model(ModelSettings(name_or_path=str(tiny_gpt2_dir)))
     model = apply_lora(base, LoraSettings(r=2), seed=0)
-    names = adapter_names(model)
+    names = list(wire_of(model).names)
     assert {n.split(".")[-3] for n in names} == {"c_attn", "c_proj", "c_fc"}
     assert model.peft_config["default"].fan_in_fan_out

@@ -8,7 +8,6 @@ import pytest
 import torch
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from fedlm.adapter import gradients_to_arrays
 from fedlm.data import pack_texts
 from fedlm.distributed_dp import (WIRE_LEVELS, decode_sum, discrete_gaussian, encode_share, grid_step,
                                   rounded_sensitivity, sum_range)
@@ -18,7 +17,7 @@ from fedlm.plan import plan_privacy
 from fedlm.privacy import clipped_gradient_sum
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings, settings_from_dict
 from fedlm.training import sequence_losses
-from tests.conftest import make_text, pld_epsilon
+from tests.conftest import make_text, pld_epsilon, wire_of
 
 CLIP = 0.05  # small enough that most of the tiny model's per-sequence gradients are clipped
 
@@ -78,8 +77,8 @@ def test_without_noise_the_secure_sum_decodes_to_the_sum_of_every_clients_clippe
         for name, value in sums.items():
             torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7)
         assert all(p.grad is None and not hasattr(p, "grad_sample") for p in model.parameters())
-        ours.append(gradients_to_arrays(model, sums))
-        reference.append(gradients_to_arrays(model, expected))
+        ours.append(wire_of(model).gradients_to_arrays(model, sums))
+        reference.append(wire_of(model).gradients_to_arrays(model, expected))
     grid = grid_step(settings)
     shares = [encode_share(arrays, 0.0, grid, np.random.default_rng(i)) for i, arrays in enumerate(ours)]
     decoded = decode_sum(_secagg_sum(shares, settings), len(shares), grid)

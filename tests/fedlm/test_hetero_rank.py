@@ -6,7 +6,8 @@ import torch
 from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
-from fedlm.adapter import AdapterMismatch, adapter_names, adapter_to_arrays, arrays_to_adapter
+from fedlm.adapter import AdapterMismatch
+from tests.conftest import wire_of
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import ConfigError, LoraSettings, ModelSettings, RunSettings, settings_from_dict
 from strategies import check_strategy
@@ -23,15 +24,15 @@ def models(request):
 
 def _random_global(model, seed=1):
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(a.shape).astype(np.float32) for a in adapter_to_arrays(model)]
+    return [rng.standard_normal(a.shape).astype(np.float32) for a in wire_of(model, LORA.r).to_arrays(model)]
 
 
 def test_truncation_in_and_zero_padding_out_round_trip(models):
     server, small, _ = models
     arrays = _random_global(server)
-    arrays_to_adapter(small, arrays)
+    wire_of(small, LORA.r).load(small, arrays)
     own = get_peft_model_state_dict(small)
-    for name, sent, back in zip(adapter_names(small), arrays, adapter_to_arrays(small)):
+    for name, sent, back in zip(list(wire_of(small, LORA.r).names), arrays, wire_of(small, LORA.r).to_arrays(small)):
         assert back.shape == sent.shape  # travels at the global rank 4
         if ".lora_A." in name:  # [r, in]: the first 2 rows, exactly; zeros below
             assert own[name].shape[0] == 2
@@ -47,9 +48,9 @@ def test_weighted_sum_of_padded_updates_is_the_hand_computed_one(models):
     server, small, big = models
     start = _random_global(server)
     for model, shift in ((small, 1.0), (big, 3.0)):
-        arrays_to_adapter(model, [a + np.float32(shift) for a in start])
-    (a2, a4), (w2, w4) = (adapter_to_arrays(small), adapter_to_arrays(big)), (1, 3)
-    for name, s, x, y in zip(adapter_names(server), start, a2, a4):
+        wire_of(model, LORA.r).load(model, [a + np.float32(shift) for a in start])
+    (a2, a4), (w2, w4) = (wire_of(small, LORA.r).to_arrays(small), wire_of(big, LORA.r).to_arrays(big)), (1, 3)
+    for name, s, x, y in zip(list(wire_of(server, LORA.r).names), start, a2, a4):
         got = (w2 * x + w4 * y) / (w2 + w4)
         want = (s + 3.0) * 3 / 4  # the rank-2 client contributes nothing beyond its rank...
         head = (slice(0, 2),) if ".lora_A." in name else (slice(None), slice(0, 2))
@@ -68,8 +69,8 @@ def test_padded_update_means_the_same_delta_w_in_the_global_adapter(tiny_llama_d
     settings = ModelSettings(name_or_path=str(tiny_llama_dir))
     server = apply_lora(load_base_model(settings)[0], LORA, seed=0)
     small = apply_lora(load_base_model(settings)[0], LORA, seed=0, rank=2)
-    arrays_to_adapter(small, _random_global(server, seed=2))
-    arrays_to_adapter(server, adapter_to_arrays(small))  # the rank-2 adapter, padded, inside the global one
+    wire_of(small, LORA.r).load(small, _random_global(server, seed=2))
+    wire_of(server, LORA.r).load(server, wire_of(small, LORA.r).to_arrays(small))  # the rank-2 adapter, padded, inside the global one
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     server.eval(), small.eval()
     torch.testing.assert_close(server(input_ids=ids).logits, small(input_ids=ids).logits)
@@ -95,6 +96,6 @@ def test_client_rank_comes_from_node_config_then_client_ranks_then_r():
 
 def test_shapes_stay_strict_at_other_ranks(models):
     _, small, _ = models
-    arrays = adapter_to_arrays(small)
+    arrays = wire_of(small, LORA.r).to_arrays(small)
     with pytest.raises(AdapterMismatch, match="expected shape"):  # its own rank 2 is not the wire's rank 4
-        arrays_to_adapter(small, [a[:2] if i == 0 else a for i, a in enumerate(arrays)])
+        wire_of(small, LORA.r).load(small, [a[:2] if i == 0 else a for i, a in enumerate(arrays)])

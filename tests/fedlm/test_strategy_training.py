@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlm.adapter import adapter_names, adapter_to_arrays, arrays_to_adapter, save_adapter
+from fedlm.adapter import save_adapter
+from tests.conftest import wire_of
 from fedlm.model import apply_lora, load_base_model
 from fedlm.privacy import train_local_dp
 from fedlm.settings import LoraSettings, ModelSettings, PrivacySettings, TrainSettings
@@ -104,8 +105,8 @@ def test_dp_path_adds_the_proximal_gradient_after_clipping_and_noise(tiny_llama_
 
 def test_frozen_a_sends_only_b_and_never_changes_a(tiny_llama_dir, data, tmp_path):
     model, full = _lora(tiny_llama_dir, frozen_a=True), _lora(tiny_llama_dir)
-    names = adapter_names(model)
-    assert names == [n for n in adapter_names(full) if ".lora_B." in n] and len(names) == 2 * 7
+    names = list(wire_of(model).names)
+    assert names == [n for n in list(wire_of(full).names) if ".lora_B." in n] and len(names) == 2 * 7
     a_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
     assert a_before and not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)
     # Every party draws the same A from the shared seed.
@@ -115,12 +116,12 @@ def test_frozen_a_sends_only_b_and_never_changes_a(tiny_llama_dir, data, tmp_pat
     train_local(model, *data, TrainSettings(local_steps=2, batch_size=3), seed=0)
     train_local_dp(model, *data, TrainSettings(local_steps=2, batch_size=3), PrivacySettings(), noise_multiplier=1.0,
                    sample_rate=0.5, seed=0)
-    arrays_to_adapter(model, [a + 1 for a in adapter_to_arrays(model)])  # what a client receives each round
+    wire_of(model).load(model, [a + 1 for a in wire_of(model).to_arrays(model)])  # what a client receives each round
     for n, p in model.named_parameters():
         if ".lora_A." in n:
             assert torch.equal(p, a_before[n])  # bitwise
-    assert all(float(abs(a).max()) >= 1 for a in adapter_to_arrays(model))  # the B tensors did change
-    sizes = [sum(a.nbytes for a in adapter_to_arrays(m)) for m in (model, full)]
+    assert all(float(abs(a).max()) >= 1 for a in wire_of(model).to_arrays(model))  # the B tensors did change
+    sizes = [sum(a.nbytes for a in wire_of(m).to_arrays(m)) for m in (model, full)]
     assert 0.45 < sizes[0] / sizes[1] < 0.6  # B is out x r, A is r x in: about half of the upload
     save_adapter(model, tmp_path / "adapter")  # the saved adapter is still a complete PEFT adapter
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")

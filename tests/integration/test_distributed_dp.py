@@ -1,6 +1,8 @@
 """privacy=distributed_dp_sgd on Flower's real Simulation Engine and real SecAgg+: both epsilons against an
-independent accountant, and a round left with fewer than K_min shares never unmasked."""
+independent accountant, a round left with fewer than K_min shares never unmasked, and a resumed DP run whose
+ledgers and server optimiser go on where they stopped."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -14,6 +16,7 @@ from safetensors.numpy import load_file
 
 from fedlm.ledger import PrivacyLedger
 from fedlm.settings import RunSettings, settings_from_dict
+from server.checkpoint import read_state
 from server.record import read_metrics
 from simulations.launch import simulate
 from tests.conftest import make_text, pld_epsilon
@@ -21,7 +24,7 @@ from tests.conftest import make_text, pld_epsilon
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray ships the mod below to its workers
 
-CLIENTS, RATE, LOST_ROUND = 3, 0.3, 3
+CLIENTS, RATE, LOST_ROUND, HORIZON = 3, 0.3, 3, 4
 
 
 class FailInRound:
@@ -51,7 +54,8 @@ def run(tmp_path_factory, tiny_llama_dir):
                     "min_eval_sequences": 1},
         "federation": {"num_clients": CLIENTS, "clients_per_round": CLIENTS, "rounds": LOST_ROUND},
         "train": {"optimizer": "sgd", "learning_rate": 0.5, "batch_size": 8, "max_eval_sequences": 4},
-        "privacy": {"name": "distributed_dp_sgd", "sample_rate": RATE, "target_epsilon": 6.0},
+        "privacy": {"name": "distributed_dp_sgd", "sample_rate": RATE, "target_epsilon": 6.0,
+                    "horizon_rounds": HORIZON},  # room for the resumed run's fourth round
         "secagg": {"name": "secaggplus", "num_shares": 3, "reconstruction_threshold": 2, "timeout": 60.0},
         "server": {"min_replies": CLIENTS, "save_every": 1},
         "output_dir": str(tmp / "run"),
@@ -71,8 +75,8 @@ def test_each_client_reports_both_epsilons_as_an_independent_accountant_computes
     assert rows[1]["clients_ok"] == rows[2]["clients_ok"] == CLIENTS and not rows[2]["abandoned"]
     sigma = trained[0]["noise_multiplier"]
     assert all(c["noise_multiplier"] == sigma and c["plan_shares"] == CLIENTS for c in trained)
-    # The plan calibrated sigma so that the 3 rounds each client joins spend the budget (6.0).
-    assert pld_epsilon(sigma, RATE, LOST_ROUND, 1e-5) == pytest.approx(6.0, abs=0.12)
+    # The plan calibrated sigma so that the 4 rounds each client plans for spend the budget (6.0).
+    assert pld_epsilon(sigma, RATE, HORIZON, 1e-5) == pytest.approx(6.0, abs=0.12)
     for c in trained:
         assert c["epsilon"] == pytest.approx(pld_epsilon(sigma, RATE, 2, 1e-5), abs=0.02)
         assert c["epsilon_alone"] == pytest.approx(pld_epsilon(sigma / math.sqrt(CLIENTS), RATE, 2, 1e-5), abs=0.03)
@@ -94,3 +98,20 @@ def test_a_round_left_with_fewer_than_k_min_shares_is_never_unmasked_and_its_spe
              for i in range(CLIENTS)]
     assert sorted(spent) == [2, 3, 3]
     assert json.loads((outcome.output_dir / "settings.json").read_text())["privacy"]["name"] == "distributed_dp_sgd"
+
+
+def test_a_resumed_run_goes_on_spending_from_the_ledgers_and_restores_the_server_optimiser(run):
+    settings, outcome = run
+    more = dataclasses.replace(settings, resume=str(outcome.output_dir), output_dir=str(outcome.output_dir),
+                               federation=dataclasses.replace(settings.federation, rounds=HORIZON))
+    simulate(more)
+    rows = read_metrics(outcome.output_dir)
+    assert [r["round"] for r in rows] == list(range(HORIZON + 1)) and not rows[HORIZON]["abandoned"]
+    sigma = rows[1]["clients"][0]["noise_multiplier"]
+    for i in range(CLIENTS):
+        state = PrivacyLedger(outcome.output_dir / "privacy" / f"client_{i}.json").read()
+        rounds = len(state.history)  # client 2 lost round 3's instruction before training, the others spent it
+        assert rounds == (3 if i == 2 else 4)
+        assert state.epsilon == pytest.approx(pld_epsilon(sigma, RATE, rounds, 1e-5), abs=0.02) and state.epsilon <= 6.0
+    saved = read_state(outcome.output_dir).strategy_state
+    assert {"CentralDPSGD.weights.0", "CentralDPSGD.momentum_buffer.0"} <= set(saved)

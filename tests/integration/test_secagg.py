@@ -10,8 +10,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.server.strategy import FedAvg
 from safetensors.numpy import load_file
 
-from tests.conftest import make_text
-from fedlm.adapter import adapter_to_arrays
+from tests.conftest import make_text, wire_of
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import ModelSettings, LoraSettings, RunSettings, settings_from_dict
 from simulations.launch import simulate
@@ -125,8 +124,9 @@ def test_too_many_failures_abandon_the_round_and_keep_the_adapter_bitwise(tmp_pa
     assert row["abandoned_reason"].startswith("SecAgg+ halted: 2 of 10 clients still active")
     assert "WARNING: 1 of 1 rounds were abandoned (rounds 1)" in outcome.summary()
     assert "1 of 1 rounds were abandoned and changed nothing" in (outcome.output_dir / "report.md").read_text()
-    initial = adapter_to_arrays(apply_lora(load_base_model(ModelSettings(name_or_path=str(tiny_llama_dir)))[0],
-                                           LoraSettings(), seed=settings.seed))
+    fresh = apply_lora(load_base_model(ModelSettings(name_or_path=str(tiny_llama_dir)))[0], LoraSettings(),
+                       seed=settings.seed)
+    initial = wire_of(fresh).to_arrays(fresh)
     final = load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors")
     assert len(final) == len(initial)
     assert sorted(a.tobytes() for a in final.values()) == sorted(a.tobytes() for a in initial)

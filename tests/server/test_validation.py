@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flwr.common import Code, EvaluateRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from fedlm.adapter import WireFormat
 from fedlm.settings import RunSettings, settings_from_dict
 from server.record import RoundRecord
 from server.validation import ValidatedReplies
@@ -21,7 +22,8 @@ def _strategy(min_replies=2):
         "federation": {"num_clients": 4, "clients_per_round": 4, "max_client_weight": 10},
         "server": {"min_replies": min_replies}, "secagg": {"name": "disabled"}})
     initial = ndarrays_to_parameters(ZERO)
-    strategy = ValidatedReplies(build_strategy(settings, initial), initial, min_replies=min_replies, max_weight=10)
+    wire = WireFormat(names=("w",), shapes=((2,),))
+    strategy = ValidatedReplies(build_strategy(settings, initial), wire, min_replies=min_replies, max_weight=10)
     strategy.begin(RoundRecord(1))
     return strategy
 
