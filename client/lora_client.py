@@ -180,14 +180,14 @@ class LoraClient(NumPyClient):
         grid = grid_step(settings)
         clip = rounded_sensitivity(settings.privacy.max_grad_norm, sum(a.size for a in arrays), grid)
         noise_std = params.noise_multiplier * clip / math.sqrt(params.shares)
-        shares = encode_share(arrays, noise_std, grid, secret_rng())
+        noisy = encode_share(arrays, noise_std, grid, secret_rng())
         epsilon = ledger.commit(spend)
         metrics = {"epsilon": epsilon, "epsilon_alone": ledger.read().own_share_epsilon(), "delta": params.delta,
                    "noise_multiplier": params.noise_multiplier, "noise_share_std": noise_std, "sequences": n,
                    "client": self.partition_id, ROUND: server_round, **params.plan_metrics()}
         # Equal weights of exactly SecAgg+'s max_weight: Flower then scales nothing and the integers go through
         # as they are; the server decodes the sum from the mean (strategies/distributed_dp.py).
-        return shares, self.settings.federation.max_client_weight, metrics
+        return noisy, self.settings.federation.max_client_weight, metrics
 
     def check_privacy_floor(self, noise_multiplier: float | None) -> None:
         """A device may demand at least some privacy (node config); a run asking for less is refused.
