@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast bench bench-strategies bench-deploy clean
+.PHONY: demo test test-fast bench bench-strategies bench-deploy bench-render clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,8 +21,11 @@ test: $(STAMP)  # the whole suite, as CI runs it
 test-fast: $(STAMP)  # the edit loop: unit tests only, no engines, processes or slow tests
 	$(PY) -m pytest -q -m "not integration and not slow" $(ARGS)
 
-bench: $(STAMP)  # every section into BENCHMARKS.md (hours on 2 cores); ARGS="--quick" or ARGS="--only quality,memory"
+bench: $(STAMP)  # every section into benchmarks/results/, rendered into BENCHMARKS.md (hours on 2 cores); ARGS="--quick" or ARGS="--only quality,memory"
 	$(PY) benchmarks/run.py $(ARGS)
+
+bench-render: $(STAMP)  # seconds: BENCHMARKS.md from benchmarks/results/*.json again (after a change to benchmarks/render.py)
+	$(PY) benchmarks/render.py
 
 bench-strategies: $(STAMP)  # about 25 minutes: every strategy, DP off and at epsilon 8
 	$(PY) benchmarks/compare_strategies.py $(ARGS)

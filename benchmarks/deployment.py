@@ -3,13 +3,13 @@
 The same settings (the embedded base model, 3 clients, DP-SGD and SecAgg+) run once on Flower's Simulation
 Engine and once on a real SuperLink (TLS, device authentication) with three device daemons on this machine.
 It prints seconds per round side by side, and what a fresh process per message costs (a SuperNode starts one
-for every message: four per round with SecAgg+, plus evaluation), then writes section 6 of BENCHMARKS.md.
+for every message: four per round with SecAgg+, plus evaluation), into benchmarks/results/deployment.json, then
+renders BENCHMARKS.md (section 6).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import signal
 import statistics
@@ -20,22 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_sections
+from common import ROOT, Provenance, log, publish
 from fedlm.settings import RunSettings, settings_from_dict
 from server.provision import create_ca, create_device, create_server_cert, set_authorized
 from simulations.deploy import deploy
 from simulations.launch import make_offline_safe, simulate
 
-ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## 6. Deployment on loopback vs simulation"
 CLIENTS = 3
 SOURCES = ("json", "email", "http")  # three standard-library packages: one device's private text each
 CHARS = 120_000
 REPEATS = 3  # fresh processes timed per kind; the median is reported
-
-
-def log(message: str) -> None:
-    print(f"[bench-deploy] {message}", flush=True)
+LOCAL_STEPS, NUM_SHARES, THRESHOLD = 5, 3, 2
+LIGHT, HEAVY = 3, 2  # messages per client per round: SecAgg+'s setup, share keys, unmask; train, evaluate
 
 
 def write_texts(root: Path) -> Path:
@@ -53,8 +49,8 @@ def run_settings(root: Path, name: str, rounds: int, port: int = 0) -> RunSettin
     return settings_from_dict(RunSettings, {
         "dataset": {"path": str(root / "texts"), "partitioner": "natural"},
         "federation": {"num_clients": CLIENTS, "clients_per_round": CLIENTS, "rounds": rounds},
-        "train": {"local_steps": 5},
-        "secagg": {"num_shares": 3, "reconstruction_threshold": 2},
+        "train": {"local_steps": LOCAL_STEPS},
+        "secagg": {"num_shares": NUM_SHARES, "reconstruction_threshold": THRESHOLD},
         "deployment": deployment, "output_dir": str(root / name)})
 
 
@@ -128,50 +124,16 @@ def message_costs(root: Path) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
-def section(sim: list[dict], dep: list[dict], costs: dict[str, float], command: str, load: float) -> str:
-    sim_round, dep_round = (statistics.median(r["seconds"] for r in rows[1:]) for rows in (sim, dep))
-    per_client = 3 * costs["light"] + 2 * costs["heavy"]
-    before = 5 * costs["heavy"]
-    # Clients' processes overlap on the machine's cores; a round's overhead in wall time is about the sum of
-    # every client's process cost spread over those cores.
-    cores = os.cpu_count() or 1
-    overhead = CLIENTS * per_client / min(cores, CLIENTS)
-    lines = [
-        SECTION, "",
-        f"`{command}` ({datetime.date.today()}, 1-minute load average at start {load:.2f}): the embedded base "
-        f"model, {CLIENTS} clients (one standard-library package's code each), all {CLIENTS} every round, "
-        f"{len(sim) - 1} rounds, 5 local DP-SGD steps, SecAgg+ (3 shares, threshold 2). Simulation: Flower's "
-        "Simulation Engine in one process tree. Deployment: a SuperLink with TLS and device authentication and "
-        "three `client.daemon` devices, all on loopback on this machine.", "",
-        "| | simulation | loopback deployment | deployment / simulation |", "|---|---:|---:|---:|",
-        f"| seconds per round (median of rounds 1-{len(sim) - 1}) | {sim_round:.1f} | {dep_round:.1f} | "
-        f"{dep_round / sim_round:.2f} |",
-        f"| round 0 (evaluation of the base model) | {sim[0]['seconds']:.1f} | {dep[0]['seconds']:.1f} | "
-        f"{dep[0]['seconds'] / sim[0]['seconds']:.2f} |",
-        f"| held-out perplexity after the last round | {sim[-1]['eval_perplexity']:.1f} | "
-        f"{dep[-1]['eval_perplexity']:.1f} | |", "",
-        "A SuperNode starts a fresh `flwr-clientapp` process for every message. What such a process pays before "
-        f"it works (fresh Python processes, median of {REPEATS}):", "",
-        "| per message | seconds |", "|---|---:|",
-        f"| Python interpreter alone | {costs['interpreter']:.2f} |",
-        f"| light message (SecAgg+ setup, share keys, unmask): interpreter + `import client.app` | {costs['light']:.2f} |",
-        f"| heavy message (train, evaluate): + torch/PEFT/Opacus imports ({costs['heavy_import']:.2f} s in all) "
-        f"+ base model, LoRA and the device's cached data ({costs['model']:.2f} s) | {costs['heavy']:.2f} |",
-        f"| per client per round: 3 light + 2 heavy | {per_client:.1f} |",
-        f"| the same if every message imported the training stack (the ClientApp module before the split) | "
-        f"{before:.1f} |", "",
-        f"Starting processes and loading the model: about {overhead:.1f} s of each deployed round "
-        f"({CLIENTS} clients x {per_client:.1f} s over {min(cores, CLIENTS)} cores), "
-        f"{100 * overhead / dep_round:.0f} % of it; the simulation loads the model once per worker. "
-        "Keeping torch, PEFT and Opacus out of `client/app.py`'s module level spares SecAgg+'s three "
-        f"bookkeeping stages {3 * (costs['heavy'] - costs['light']):.1f} s per client per round. On real devices "
-        "each client has its own cores, so the overhead is one client's share, not the sum. The rest of the gap is "
-        "not itemized here: SuperNodes and the ServerApp exchange messages by polling the SuperLink, each "
-        "`flwr-clientapp` process also connects to its SuperNode and fetches its message and the app bundle, "
-        "SecAgg+'s four stages run one after another (each waits for its slowest client), and contention from "
-        "other work on the machine (see the load average) slows all of it.", "",
-    ]
-    return "\n".join(lines)
+def figures(sim: list[dict], dep: list[dict], costs: dict[str, float]) -> dict:
+    """Section 6's figures: both runs' round times and final perplexity, and one message process's costs."""
+    def run(rows: list[dict]) -> dict:
+        return {"round_seconds": statistics.median(r["seconds"] for r in rows[1:]), "round0_seconds": rows[0]["seconds"],
+                "ppl_final": rows[-1]["eval_perplexity"]}
+
+    return {"clients": CLIENTS, "rounds": len(sim) - 1, "local_steps": LOCAL_STEPS, "num_shares": NUM_SHARES,
+            "reconstruction_threshold": THRESHOLD, "repeats": REPEATS, "cores": os.cpu_count() or 1,
+            "light_messages": LIGHT, "heavy_messages": HEAVY, "simulation": run(sim), "deployment": run(dep),
+            "costs": costs}
 
 
 def main() -> None:
@@ -180,8 +142,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     make_offline_safe()
-    command = " ".join(["python", "benchmarks/deployment.py", *sys.argv[1:]])
-    load = os.getloadavg()[0]
+    stamp = Provenance()
     with tempfile.TemporaryDirectory(prefix="pollinate-deploy-bench-") as tmp:
         root = Path(tmp)
         write_texts(root)
@@ -191,9 +152,7 @@ def main() -> None:
         dep = run_deployment(root, args.rounds)
         log("per-message process costs")
         costs = message_costs(root)
-    text = section(sim, dep, costs, command, load)
-    write_sections(args.output, [text])
-    print(text, flush=True)
+    publish("deployment", stamp, figures(sim, dep, costs), args.output)
 
 
 if __name__ == "__main__":

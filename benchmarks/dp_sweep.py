@@ -1,5 +1,5 @@
-"""`python benchmarks/dp_sweep.py [--out DIR] [--datasets packages,descriptions] [--smoke]`: which optimiser,
-learning rate and expected batch should DP-SGD train with by default?
+"""`python benchmarks/dp_sweep.py [--out DIR] [--datasets packages,descriptions] [--smoke] [--federations]`: which
+optimiser, learning rate and expected batch should DP-SGD train with by default?
 
 One client of each data set that benchmarks/quality.py uses (packages: the default federation's client 0;
 descriptions: the prose federation's client 0) trains ALONE on its own training rows as a federated client does
@@ -10,14 +10,15 @@ scored by the held-out perplexity of the client's first 64 eval sequences, again
 AdamW reference ("gain kept" = (base - dp) / (base - no-DP)).
 
 Each result is appended to DIR/results.jsonl as soon as it is measured; a restart skips the configs already
-there. The tables go to stdout and DIR/table.md."""
+there. The figures go to benchmarks/results/dp_sweep.json and BENCHMARKS.md section 7.2 is rendered from them
+(--smoke: DIR/table-smoke.md). `--federations`: instead, the candidates in the real default federation at epsilon 8
+(benchmarks/results/dp_sweep_federations.json, shown in section 7.2)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,8 +29,8 @@ from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.plan import plan_privacy
 from fedlm.privacy import epsilon_of, train_local_dp
-from fedlm.training import evaluate, native_bf16, perplexity, resolve_precision, train_local
-from common import ROOT
+from fedlm.training import evaluate, perplexity, resolve_precision, train_local
+from common import ROOT, Provenance, log, publish
 from quality import descriptions_folder
 from simulations.launch import make_offline_safe, prepare
 from simulations.run import compose_settings
@@ -44,6 +45,12 @@ STAGE = [  # steps 2-4 of the sweep, all at B 32: (optimiser, lr)
 LARGER_BATCHES = (64, 128)
 CLIPPING_ONLY = [("sgd-momentum", 0.1), ("sgd-momentum", 1.0), ("adamw", 1e-2)]
 """Per-sequence clipping without noise (no guarantee): what the noise costs, apart from the clipping."""
+FEDERATIONS = [  # --federations: (overrides of `simulations.run secagg=disabled`, what the row is)
+    ("train.optimizer=sgd train.learning_rate=0.1 train.batch_size=32", "momentum SGD at the sweep's B 32 pick"),
+    ("train.optimizer=adamw train.learning_rate=0.01 train.batch_size=32", "AdamW lr 0.01, with the plan's horizon"),
+    ("train.optimizer=sgd train.learning_rate=0.1 train.local_steps=5 privacy.max_auto_batch=64",
+     "the same compute in fewer, bigger steps"),
+]
 
 
 def overrides(dataset: str, out: Path) -> list[str]:
@@ -134,40 +141,41 @@ def load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def fmt(x: float, digits: int = 2) -> str:
-    return "∞" if not math.isfinite(x) else f"{x:.{digits}f}"
+def sweep_figures(rows: list[dict], datasets: list[str], steps: int) -> dict:
+    """Section 7.2's figures: every measured config per data set, with its share of the no-DP gain kept."""
+    out = []
+    for dataset in datasets:
+        mine = [r for r in rows if r["dataset"] == dataset]
+        if not mine:
+            continue
+        ref = next((r for r in mine if r["optimiser"] == "nodp-adamw"), None)
+        for r in mine:
+            r["gain_kept"] = (r["base_ppl"] - r["ppl"]) / (r["base_ppl"] - ref["ppl"]) if ref else None
+        out.append({"name": dataset, "n_train": mine[0]["n_train"], "base_ppl": mine[0]["base_ppl"],
+                    "precision": mine[0]["precision"], "rows": mine})
+    delta = next((r["delta"] for r in rows if "delta" in r), None)
+    return {"calls": CALLS, "steps": steps, "target_epsilon": TARGET_EPSILON, "delta": delta,
+            "max_grad_norm": MAX_GRAD_NORM, "client": CLIENT, "datasets": out}
 
 
-def table(rows: list[dict], dataset: str) -> list[str]:
-    mine = [r for r in rows if r["dataset"] == dataset]
-    if not mine:
-        return [f"### {dataset}", "", "Not measured.", ""]
-    ref = next((r for r in mine if r["optimiser"] == "nodp-adamw"), None)
-    first = mine[0]
-    lines = [f"### {dataset} (client {CLIENT}: {first['n_train']} training sequences; base perplexity "
-             f"{first['base_ppl']:.2f}; precision {first['precision']})", "",
-             "| optimiser | lr | extra | B | σ | ε spent | perplexity | gain kept | seconds |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in mine:
-        gain = (r["base_ppl"] - r["ppl"]) / (r["base_ppl"] - ref["ppl"]) if ref else math.nan
-        dp = r["optimiser"] != "nodp-adamw"
-        lines.append(f"| {r['optimiser'] if dp else 'AdamW, no DP'} | {r['lr']:g} | {r.get('extra', '')} | "
-                     f"{r['expected_batch']} | {fmt(r['sigma'], 3) if dp else '-'} | "
-                     f"{fmt(r['epsilon'] or math.inf) if dp else '-'} | {r['ppl']:.2f} | {100 * gain:.0f} % | {r['seconds']:.0f} |")
-    dps = [r for r in mine if r["optimiser"] != "nodp-adamw" and r.get("noised", True)]
-    if dps and ref:
-        best = min(dps, key=lambda r: r["ppl"])
-        lines += ["", f"Best under DP: {best['optimiser']} lr {best['lr']:g} B {best['expected_batch']}, perplexity "
-                      f"{best['ppl']:.2f} (base {best['base_ppl']:.2f}, no DP {ref['ppl']:.2f})."]
-    return lines + [""]
+def federations(out: Path, output: Path) -> None:
+    """The sweep's candidates in the real default federation at epsilon 8: perplexity round 0 -> last."""
+    from simulations.launch import simulate
 
-
-def cpu() -> str:
-    name = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
-    name = name.split(":", 1)[-1].strip() or "unknown CPU"
-    flags = Path("/proc/cpuinfo").read_text().split()
-    return f"{name}, avx512_bf16 in /proc/cpuinfo: {'yes' if 'avx512_bf16' in flags else 'no'} (native bf16: " \
-           f"{'yes' if native_bf16() else 'no'}), {torch.get_num_threads()} torch thread"
+    stamp, rows = Provenance(), []
+    for overrides, about in FEDERATIONS:
+        log(f"federation: secagg=disabled {overrides}")
+        settings = compose_settings(["secagg=disabled", "privacy=dp_sgd", f"privacy.target_epsilon={TARGET_EPSILON:g}",
+                                     *overrides.split()], str(out / "federations" / str(len(rows))))
+        start = time.perf_counter()
+        outcome = simulate(settings)
+        rows.append({"overrides": overrides, "about": about, "ppl_initial": outcome.initial_perplexity,
+                     "ppl_final": outcome.final_perplexity, "seconds": time.perf_counter() - start})
+    rounds = settings.federation.rounds
+    publish("dp_sweep_federations", stamp, {
+        "command": "python -m simulations.run secagg=disabled", "rounds": rounds,
+        "about": f"the default packages federation, {rounds} rounds, epsilon {TARGET_EPSILON:g}, each client's plan.",
+        "rows": rows}, output)
 
 
 def main() -> None:
@@ -175,8 +183,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench-dp-sweep")
     parser.add_argument("--datasets", default="packages,descriptions")
     parser.add_argument("--smoke", action="store_true", help="2 steps per call, one config per optimiser, to results-smoke")
+    parser.add_argument("--federations", action="store_true", help="only the candidates in the real federation")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="rendered from the results")
     args = parser.parse_args()
     make_offline_safe()
+    if args.federations:
+        federations(args.out, args.output)
+        return
+    stamp = Provenance()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / ("results-smoke.jsonl" if args.smoke else "results.jsonl")
@@ -213,14 +227,10 @@ def main() -> None:
             measure(client, optimiser, lr, 32, noised=False)
         del client
 
-    rows = load(results)
-    order = {(d): i for i, d in enumerate(args.datasets.split(","))}
-    rows = [r for r in rows if r["dataset"] in order and r["steps"] == steps]
-    text = "\n".join([f"## DP-SGD optimiser x lr x batch sweep ({CALLS} calls x {steps} steps, ε target "
-                      f"{TARGET_EPSILON:g}, C {MAX_GRAD_NORM:g})", "", f"CPU: {cpu()}.", "",
-                      *(line for d in order for line in table(rows, d))])
-    print(text, flush=True)
-    (args.out / ("table-smoke.md" if args.smoke else "table.md")).write_text(text + "\n")
+    datasets = args.datasets.split(",")
+    rows = [r for r in load(results) if r["dataset"] in datasets and r["steps"] == steps]
+    publish("dp_sweep", stamp, sweep_figures(rows, datasets, steps),
+            args.out / "table-smoke.md" if args.smoke else args.output)
 
 
 if __name__ == "__main__":

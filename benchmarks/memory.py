@@ -1,4 +1,4 @@
-"""`python benchmarks/memory.py [--quick]`: peak memory of one client process (training with and without DP), and
+"""`python benchmarks/memory.py [--quick] [--output BENCHMARKS.md]`: peak memory of one client process (training with and without DP), and
 the largest simulated federation (clients registered x clients per round) that stays under a memory ceiling."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import psutil
 
-from common import ROOT, TIMED_BATCH, command_line, log, provenance, write_sections
+from common import ROOT, TIMED_BATCH, Provenance, log, publish
 
-SECTION = "8"
 CEILING_GIB = 16.0  # the stated ceiling: what this 24 GiB machine can give a federation next to its OS and tools
 WORK = ROOT / "outputs" / "bench-memory"
+SAMPLE_SECONDS = 0.25  # how often the process tree's RSS is summed: short enough to catch a round's peak
 # (clients registered, clients per round): one short simulation each, largest last.
 FEDERATIONS = ((50, 10), (100, 20), (300, 50))
 QUICK_FEDERATIONS = ((50, 10), (100, 20))
@@ -28,9 +28,9 @@ SCALE = ["federation.rounds=1", "train.local_steps=1", "train.batch_size=4", "tr
          "dataset.min_eval_sequences=1", "server.save_every=0"]
 
 
-def client_round(private: bool) -> float:
+def client_round(private: bool) -> tuple[float, int]:
     """In a fresh process: what one simulated client does in a round (load the base, add the adapter, train one
-    round at the default settings, evaluate); returns the process's peak RSS in GiB."""
+    round at the default settings, evaluate); returns the process's peak RSS in GiB and the adapter's size."""
     import torch
 
     from fedlm.data import ClientData, client_data_path
@@ -53,10 +53,11 @@ def client_round(private: bool) -> float:
     else:
         train_local(model, data.train, data.train_mask, train, seed=0)
     evaluate(model, data.eval[:train.max_eval_sequences], data.eval_mask[:train.max_eval_sequences])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, trainable  # Linux: KiB
 
 
-def client_process_peaks() -> dict[str, float]:
+def client_process_peaks() -> dict:
     from simulations.launch import prepare
     from simulations.run import compose_settings
 
@@ -65,21 +66,23 @@ def client_process_peaks() -> dict[str, float]:
     peaks = {}
     for label, private in (("plain", False), ("DP-SGD", True)):
         with spawn.Pool(1) as pool:
-            peaks[label] = pool.apply(client_round, (private,))
+            peaks[label], trainable = pool.apply(client_round, (private,))
         log(f"one client process, {label}: peak RSS {peaks[label]:.2f} GiB")
-    return peaks
+    return {"peaks": peaks, "adapter_parameters": trainable}
 
 
 class TreeSampler:
-    """Samples the RSS of this process and all its descendants (Ray's GCS, raylet, workers) every 0.25 s."""
+    """Samples the RSS of this process and all its descendants (Ray's GCS, raylet, workers) every SAMPLE_SECONDS,
+    and the niceness Ray gives its workers (what decides how other load slows them)."""
 
     def __init__(self) -> None:
         self.peak_total, self.peak_worker, self._stop = 0.0, 0.0, threading.Event()
+        self.worker_nice: set[int] = set()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(0.25):
+        while not self._stop.wait(SAMPLE_SECONDS):
             total, worker = me.memory_info().rss, 0
             for child in me.children(recursive=True):
                 try:
@@ -87,6 +90,7 @@ class TreeSampler:
                     total += rss
                     if "ClientAppActor" in " ".join(child.cmdline()):
                         worker = max(worker, rss)
+                        self.worker_nice.add(child.nice())
                 except psutil.Error:
                     pass  # a process that just ended
             self.peak_total, self.peak_worker = max(self.peak_total, total / 2**30), max(self.peak_worker, worker / 2**30)
@@ -133,7 +137,7 @@ def federation_peak(num_clients: int, per_round: int) -> dict:
         outcome = simulate(settings)
     row = {"clients": num_clients, "per_round": per_round, "total": sampler.peak_total,
            "worker": sampler.peak_worker, "seconds": time.perf_counter() - start,
-           "ok": outcome.rows[-1]["clients_ok"]}
+           "ok": outcome.rows[-1]["clients_ok"], "worker_nice": sorted(sampler.worker_nice)}
     log(f"{num_clients} clients, {per_round} per round: peak tree RSS {row['total']:.2f} GiB, largest worker "
         f"{row['worker']:.2f} GiB, {row['ok']}/{per_round} trained, {row['seconds']:.0f} s")
     return row
@@ -147,62 +151,31 @@ def main() -> None:
     from simulations.launch import make_offline_safe
 
     make_offline_safe()
-    load, command = os.getloadavg()[0], command_line()
+    stamp = Provenance()
     # Measured rows are kept in outputs/bench-memory/results.json: an interrupted run resumes (delete it to redo).
     cache = WORK / "results.json"
     done = json.loads(cache.read_text()) if cache.exists() else {}
-    if "client" not in done:
+    if "peaks" not in done.get("client", {}):  # (an older cache held the peaks alone)
         done["client"] = client_process_peaks()
         cache.write_text(json.dumps(done, indent=1))
-    peaks, rows = done["client"], []
+    rows = []
     for n, k in QUICK_FEDERATIONS if args.quick else FEDERATIONS:
         if f"{n},{k}" not in done:
             done[f"{n},{k}"] = federation_peak(n, k)
             cache.write_text(json.dumps(done, indent=1))
         rows.append(done[f"{n},{k}"])
-    fits = [r for r in rows if r["total"] <= CEILING_GIB]
-    largest = max(fits, key=lambda r: r["clients"]) if fits else None
-    # Extrapolation (stated as such): the tree's RSS against clients registered, through the two largest runs;
-    # a difference within 5 % is sampling noise, not growth.
-    growth = rows[-1]["total"] - rows[-2]["total"] if len(rows) > 1 else 0.0
-    if growth > 0.05 * rows[-1]["total"]:
-        slope = growth / (rows[-1]["clients"] - rows[-2]["clients"])
-        extrapolated = (f"about {rows[-1]['clients'] + (CEILING_GIB - rows[-1]['total']) / slope:,.0f} clients "
-                        f"registered (a straight line through the two largest runs: {1024 * slope:.2f} MiB per "
-                        "registered client)")
-    else:
-        extrapolated = (f"no limit from memory in sight: the peak grew by {1024 * growth:.0f} MiB (under 5 %) from "
-                        f"{rows[-2]['clients'] if len(rows) > 1 else '-'} to {rows[-1]['clients']} clients registered")
-    table = [f"| {r['clients']:,} | {r['per_round']} | {r['ok']} | {r['total']:.2f} | {r['worker']:.2f} "
-             f"| {r['seconds']:.0f} |" for r in rows]
-    section = "\n".join([
-        f"## {SECTION}. Memory: one client process, and the largest federation under {CEILING_GIB:g} GiB", "",
-        provenance(command, load), "",
-        "One client process: a fresh interpreter that loads the embedded base, adds the adapter (r=8), trains one "
-        "round at the default settings (10 steps, batch 32; DP-SGD with its calibrated noise, physical chunks "
-        "of 16) and evaluates; its peak resident set (VmHWM).", "",
-        "| client process | peak RSS GiB |", "|---|---:|",
-        *(f"| {label} | {gib:.2f} |" for label, gib in peaks.items()), "",
-        "DP-SGD can peak lower than plain training: it runs a 32-sequence batch in physical chunks of "
-        "`privacy.max_physical_batch_size` = 16, halving the activations, which dominate (the per-sample "
-        "gradients of a 117k-parameter adapter are small).", "",
-        "Federations: one round of the real simulation (SecAgg+ on, DP off: a tiny round, `train.local_steps=1 "
-        "train.batch_size=4 train.max_eval_sequences=4`), every registered client evaluated, clients holding IID "
-        "shares of source-code documents. Peak = the largest sum, sampled every 0.25 s, of the RSS of the "
-        "driver and all its descendants (Ray's GCS, raylet, object store, 2 workers); shared pages count once "
-        "per process, so it is an upper bound.", "",
-        "| clients registered | clients per round | trained | peak tree RSS GiB | largest worker RSS GiB | wall s |",
-        "|---:|---:|---:|---:|---:|---:|", *table, "",
-        f"Largest federation measured under the {CEILING_GIB:g} GiB ceiling: "
-        + (f"**{largest['clients']:,} clients registered, {largest['per_round']} per round** "
-           f"({largest['total']:.2f} GiB)." if largest else "none of those measured.")
-        + f" Beyond the runs, extrapolated: {extrapolated}. Memory is set by the parallel workers (one per "
-        "`federation.cpus_per_client` cores, each holding its own base model, adapter and activations), not by "
-        "the number of virtual clients; what grows with clients registered and per round is the time (every "
-        "client is evaluated every round, SecAgg+ shares grow with the cohort). Wall seconds follow the machine's "
-        "load: Ray starts its workers at nice 15, so other busy processes starve the simulated clients.", ""])
-    write_sections(args.output, [section])
-    print(section, flush=True)
+    from fedlm.settings import RunSettings
+
+    defaults = RunSettings()
+    nice = sorted({n for r in rows for n in r.get("worker_nice", [])})
+    publish("memory", stamp, {
+        "ceiling_gib": CEILING_GIB, "lora_r": defaults.lora.r, "local_steps": defaults.train.local_steps,
+        "batch_size": TIMED_BATCH, "physical_batch": defaults.privacy.max_physical_batch_size,
+        "adapter_parameters": done["client"]["adapter_parameters"], "client": done["client"]["peaks"],
+        "sample_seconds": SAMPLE_SECONDS, "tiny": SCALE[1:4],
+        "workers": max(1, (os.cpu_count() or 1) // defaults.federation.cpus_per_client),
+        "worker_nice": nice or None, "federations": [{k: v for k, v in r.items() if k != "worker_nice"} for r in rows],
+    }, args.output)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, TIMED_BATCH, command_line, log, provenance, write_sections
+from common import ROOT, TIMED_BATCH, Provenance, log, publish
 from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.plan import plan_privacy
@@ -24,11 +23,12 @@ from privacy_cost import smollm2_135m_shaped
 from simulations.launch import make_offline_safe, prepare
 from simulations.run import compose_settings
 
-SECTION = "10"
 WORK = ROOT / "outputs" / "bench-precision"
+MATMUL_SIZE, MATMUL_REPEATS = 2048, 5
+STEPS, BIG_STEPS, BIG_PAIRS = 3, 1, 3  # steps per timed call and pairs: the 135M-shaped model's step takes seconds
 
 
-def matmul_rates(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+def matmul_rates(size: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> dict[str, float]:
     """Best square matmul rate in GFLOP/s in fp32 and bf16, calls alternating so both see the same load."""
     pairs = {name: [torch.randn(size, size, dtype=dtype) for _ in range(2)]
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
     make_offline_safe()
-    load, command = os.getloadavg()[0], command_line()
+    stamp = Provenance()
     pairs = 2 if args.quick else 4
     settings = compose_settings([f"train.batch_size={TIMED_BATCH}"], str(WORK))
     prepare(settings)
@@ -96,10 +96,11 @@ def main() -> None:
     log(f"matmul peak at {args.threads[0]} thread(s): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s")
     base, _ = load_base_model(settings.model, settings.cache_dir)
     data = ClientData.load(client_data_path(WORK / "data", 0))
+    n_base = sum(p.numel() for p in base.parameters())  # before apply_lora adds the adapter to `base`
     model = apply_lora(base, settings.lora, settings.seed)
-    log("embedded base, client 0's rows, batch 32")
-    table = [("embedded, 2.6M", settings.train.batch_size, r)
-             for threads in args.threads for r in compare(model, data.train, data.train_mask, settings, 3, pairs,
+    log(f"embedded base, client 0's rows, batch {settings.train.batch_size}")
+    table = [(f"embedded, {n_base / 1e6:.1f}M", settings.train.batch_size, r)
+             for threads in args.threads for r in compare(model, data.train, data.train_mask, settings, STEPS, pairs,
                                                           threads)]
     if not args.quick:
         log("SmolLM2-135M-shaped, random weights and tokens, batch 8")
@@ -108,23 +109,11 @@ def main() -> None:
                             generator=torch.Generator().manual_seed(0))
         small = dataclasses.replace(settings, train=dataclasses.replace(settings.train, batch_size=8))
         table += [("SmolLM2-135M-shaped", 8, r) for threads in args.threads
-                  for r in compare(big, ids, torch.ones_like(ids), small, 1, 3, threads)]
-    lines = [f"| {name} | {batch} | {'DP-SGD' if r['dp'] else 'plain'} | {r['threads']} | {r['fp32']:,.0f} "
-             f"| {r['bf16']:,.0f} | {r['ratio']:.2f} |" for name, batch, r in table]
-    section = "\n".join([
-        f"## {SECTION}. bf16 compute (`train.precision=bf16`) vs float32", "", provenance(command, load), "",
-        f"Matmul peak on this CPU at {args.threads[0]} thread(s) (best of 5 alternating 2048x2048 `torch.matmul`): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-        f"bf16 {peaks['bf16']:.0f} GFLOP/s ({peaks['bf16'] / peaks['fp32']:.1f}x). A step is one AdamW update "
-        "of the LoRA adapter; bf16 = `torch.autocast('cpu', dtype=torch.bfloat16)` around the forward pass (the "
-        "backward follows it); the adapter, the optimizer, the loss and DP's per-sample clipping stay float32 "
-        "(tests/fedlm/test_privacy.py: the clipping bound holds to float32 rounding under bf16).", "",
-        "| model | sequences per step | training | torch threads | fp32 ms/step | bf16 ms/step | bf16 / fp32 |",
-        "|---|---:|---|---:|---:|---:|---:|", *lines, "",
-        f"fp32 and bf16 calls alternate ({pairs} pairs for the embedded base, 3 steps per call; 3 pairs of 1 step "
-        "for the 135M-shaped model), after a warm-up call of each; the ratio is the median of the pairs' "
-        "ratios. Below 1.00, bf16 is faster.", ""])
-    write_sections(args.output, [section])
-    print(section, flush=True)
+                  for r in compare(big, ids, torch.ones_like(ids), small, BIG_STEPS, BIG_PAIRS, threads)]
+    publish("precision", stamp, {
+        "threads": args.threads, "matmul_repeats": MATMUL_REPEATS, "matmul_size": MATMUL_SIZE, "peak": peaks,
+        "pairs": pairs, "steps": STEPS, "big_pairs": BIG_PAIRS, "big_steps": BIG_STEPS,
+        "rows": [{"model": name, "batch": batch, **r} for name, batch, r in table]}, args.output)
 
 
 if __name__ == "__main__":

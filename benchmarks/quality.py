@@ -9,18 +9,18 @@ import dataclasses
 import importlib.metadata
 import json
 import math
-import os
 import secrets
 import shutil
 import statistics
 import sysconfig
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from common import ROOT, command_line, log, provenance, write_sections
+from common import ROOT, Provenance, log, publish
 from fedlm.data import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.ledger import PrivacyLedger
@@ -31,10 +31,7 @@ from fedlm.training import evaluate, perplexity, resolve_precision, train_local
 from simulations.launch import make_offline_safe, prepare, simulate
 from simulations.run import compose_settings
 
-SECTION = "7"
 EPSILONS = (0.0, 1.0, 4.0, 8.0)  # 0: no DP
-ROWS = ("base", "local-only", "federated", "centralised")
-GAIN_KEPT_TARGET = 0.8  # the issue: DP at epsilon 8 keeps >= 80 % of the non-private federated gain over the base
 QUICK = ["federation.rounds=4"]  # --quick: a shorter federation (every row keeps the same budget as its federation)
 WORK = ROOT / "outputs" / "bench-quality"  # results are cached here, so an interrupted run resumes
 
@@ -101,6 +98,83 @@ def train_alone(model, ids: torch.Tensor, mask: torch.Tensor, settings: RunSetti
                       privacy.accountant)
 
 
+@dataclasses.dataclass
+class Cell:
+    """One data set at one privacy level, as every row trains and scores it: the federation's settings and
+    clients, the model with a fresh adapter (`reset()` restores it), and how each client is evaluated."""
+    settings: RunSettings
+    clients: list[ClientData]
+    model: object
+    reset: Callable[[], None]
+    out: Path
+    label: str
+
+    def perplexities(self) -> list[float]:
+        """Each client's held-out perplexity (its first max_eval_sequences, as the federation evaluates)."""
+        torch.set_num_threads(self.settings.federation.cpus_per_client)
+        return client_perplexities(self.model, self.clients, self.settings.train.max_eval_sequences)
+
+
+def local_only(c: Cell) -> dict:
+    """Each client alone, for the rounds its plan expects it to join, with the same local steps, sampling rate
+    and noise: the same mechanism, and so the same epsilon, as inside the federation."""
+    fed, train = c.settings.federation, c.settings.train
+    joined = planned_rounds(c.settings)
+    log(f"{c.label}: local-only, {fed.num_clients} clients x {joined} rounds x {train.local_steps} steps")
+    ppl, eps = [], []
+    for client in c.clients:
+        c.reset()
+        eps.append(train_alone(c.model, client.train, client.train_mask, c.settings, joined))
+        ppl += client_perplexities(c.model, [client], train.max_eval_sequences)
+    return {"ppl": ppl, "epsilon": max(eps)}
+
+
+def federated(c: Cell) -> dict:
+    """The real simulation; its final global adapter evaluated on every client."""
+    log(f"{c.label}: federated (the real simulation, SecAgg+ off: it changes the sum by < 1e-6)")
+    shutil.rmtree(c.out / "federated" / "privacy", ignore_errors=True)  # a re-run must not inherit spent budgets
+    outcome = simulate(c.settings)
+    c.reset()
+    set_peft_model_state_dict(c.model, load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors"))
+    return {"ppl": c.perplexities(), "epsilon": max((r.get("epsilon_max") or 0.0) for r in outcome.rows)}
+
+
+def centralised(c: Cell) -> dict:
+    """All clients' rows pooled, the federation's total steps, the full budget over them."""
+    log(f"{c.label}: centralised, on the pooled rows")
+    fed = c.settings.federation
+    c.reset()
+    pooled = [torch.cat([getattr(client, k) for client in c.clients]) for k in ("train", "train_mask")]
+    spent = train_alone(c.model, *pooled, c.settings, fed.rounds * fed.clients_per_round)
+    return {"ppl": c.perplexities(), "epsilon": spent}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of section 7's table: what it is (BENCHMARKS.md prints `about`), its plot style, and how it is
+    trained from the fresh adapter of a `Cell` (None: the base, always evaluated, never trained)."""
+    name: str
+    about: str
+    style: str
+    train: Callable[[Cell], dict] | None
+
+
+# A new row: one entry here (its `train` returns {"ppl": one perplexity per client, "epsilon": the most spent}).
+ROWS = (
+    Row("base", "the embedded base model, no adapter training.", "k--", None),
+    Row("local-only", "each client trains alone (in-process, `train_local` / `train_local_dp`) for the rounds the "
+        "server's balanced sampling asks of it (rounds x clients per round / clients), with the same local steps "
+        "and privacy plan (sampling rate, noise multiplier) as inside the federation, so the same epsilon.", "C1o-",
+        local_only),
+    Row("federated", "the real simulation (`simulations.launch.simulate`, SecAgg+ off: it changes the aggregate "
+        "only within what tests/integration/test_secagg.py allows), its final global adapter evaluated per client.",
+        "C0o-", federated),
+    Row("centralised", "all clients' training rows pooled, the federation's total number of steps, with the privacy "
+        "plan of one client holding them all over those steps (meant as the ceiling: pooling many more sequences "
+        "makes each sampled step far cheaper in privacy).", "C2o-", centralised),
+)
+
+
 def run_cell(dataset: str, epsilon: float, extra: list[str], out: Path, rows: list[str], cell: dict) -> dict:
     """`cell` completed with `rows` at one privacy level: per-client perplexities and the largest epsilon any
     client spent."""
@@ -108,64 +182,19 @@ def run_cell(dataset: str, epsilon: float, extra: list[str], out: Path, rows: li
     out = out / f"eps{epsilon:g}"
     settings = compose_settings(overrides + ["secagg=disabled"], str(out / "federated"))
     prepare(settings)
-    fed, train = settings.federation, settings.train
-    clients = [ClientData.load(client_data_path(out / "federated" / "data", i)) for i in range(fed.num_clients)]
+    clients = [ClientData.load(client_data_path(out / "federated" / "data", i))
+               for i in range(settings.federation.num_clients)]
     base, _ = load_base_model(settings.model, settings.cache_dir)
     model = apply_lora(base, settings.lora, settings.seed)
     fresh = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     # A federated client's threads: the rows compare like with like, and two threads on a busy machine stall.
-    limit, torch_threads = train.max_eval_sequences, fed.cpus_per_client
-    torch.set_num_threads(torch_threads)
-
-    def reset() -> None:
-        model.load_state_dict(fresh, strict=False)
-
-    cell = {**cell, "base": {"ppl": client_perplexities(model, clients, limit), "epsilon": 0.0}}
-    if "local-only" in rows and "local-only" not in cell:
-        cell["local-only"] = local_only(model, reset, clients, settings, f"{dataset} eps={epsilon:g}")
-    if "centralised" in rows and "centralised" not in cell:
-        log(f"{dataset} eps={epsilon:g}: centralised, on the pooled rows")
-        reset()
-        pooled = [torch.cat([getattr(c, k) for c in clients]) for k in ("train", "train_mask")]
-        calls = fed.rounds * fed.clients_per_round  # the federation's total steps, the full budget over them
-        spent = train_alone(model, *pooled, settings, calls)
-        cell["centralised"] = {"ppl": client_perplexities(model, clients, limit), "epsilon": spent}
-    if "federated" in rows and "federated" not in cell:
-        log(f"{dataset} eps={epsilon:g}: federated (the real simulation, SecAgg+ off: it changes the sum by < 1e-6)")
-        shutil.rmtree(out / "federated" / "privacy", ignore_errors=True)  # a re-run must not inherit spent budgets
-        outcome = simulate(settings)
-        reset()
-        set_peft_model_state_dict(model, load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors"))
-        torch.set_num_threads(torch_threads)
-        cell["federated"] = {"ppl": client_perplexities(model, clients, limit),
-                             "epsilon": max((r.get("epsilon_max") or 0.0) for r in outcome.rows)}
+    c = Cell(settings, clients, model, lambda: model.load_state_dict(fresh, strict=False), out,
+             f"{dataset} eps={epsilon:g}")
+    cell = {**cell, "base": {"ppl": c.perplexities(), "epsilon": 0.0}}
+    for row in ROWS:
+        if row.train and row.name in rows and row.name not in cell:
+            cell[row.name] = row.train(c)
     return cell
-
-
-def local_only(model, reset, clients: list[ClientData], settings: RunSettings, label: str) -> dict:
-    """Each client alone, for the rounds its plan expects it to join, with the same local steps, sampling rate
-    and noise: the same mechanism, and so the same epsilon, as inside the federation."""
-    fed, train = settings.federation, settings.train
-    joined = planned_rounds(settings)
-    log(f"{label}: local-only, {fed.num_clients} clients x {joined} rounds x {train.local_steps} steps")
-    ppl, eps = [], []
-    for c in clients:
-        reset()
-        eps.append(train_alone(model, c.train, c.train_mask, settings, joined))
-        ppl += client_perplexities(model, [c], train.max_eval_sequences)
-    return {"ppl": ppl, "epsilon": max(eps)}
-
-
-def cell(ppl: list[float]) -> str:
-    """A table cell: the clients' mean / worst (geometric mean) held-out perplexity."""
-    return f"{statistics.mean(ppl):.1f} / {max(ppl):.1f} ({statistics.geometric_mean(ppl):.1f})"
-
-
-def gain(results: dict, row: str, epsilon: float, center=statistics.mean) -> float:
-    """How far `row` brought the clients' perplexity below the base's, by `center` (the mean client, or the
-    geometric mean: exp of the mean client loss, which one outlying client sways far less)."""
-    base = center(results[f"{epsilon:g}"]["base"]["ppl"])
-    return base - center(results[f"{epsilon:g}"][row]["ppl"])
 
 
 def plot(results: dict, dataset: str, path: Path) -> None:
@@ -178,9 +207,10 @@ def plot(results: dict, dataset: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (center, name) in zip(axes, ((statistics.mean, "mean client"), (statistics.geometric_mean,
                                                                              "geometric mean"))):
-        for row, style in zip(ROWS, ("k--", "C1o-", "C0o-", "C2o-")):
-            ys = [center(results[f"{e:g}"][row]["ppl"]) if row in results[f"{e:g}"] else math.nan for e in eps]
-            ax.plot(xs, ys, style, label=row)
+        for row in ROWS:
+            ys = [center(results[f"{e:g}"][row.name]["ppl"]) if row.name in results[f"{e:g}"] else math.nan
+                  for e in eps]
+            ax.plot(xs, ys, row.style, label=row.name)
         ax.set_xticks(xs, ["no DP" if e == 0 else f"ε={e:g}" for e in eps])
         ax.set_ylabel(f"held-out perplexity, {name}")
         ax.set_title(f"Learning quality: {dataset} ({name})")
@@ -191,150 +221,105 @@ def plot(results: dict, dataset: str, path: Path) -> None:
     plt.close(fig)
 
 
-def swing_note(results: dict, out: Path) -> str:
-    """Why the mean and the geometric mean disagree: one client far above the others carries the mean, and its
-    perplexity under the shared adapter swings with whether the last rounds sampled it."""
-    names = [c["sources"][0] for c in json.loads((out / "eps0" / "federated" / "data" / "summary.json").read_text())]
+def summary(ppl: list[float], epsilon: float = 0.0) -> dict:
+    """What BENCHMARKS.md shows of one row: the clients' mean, worst and geometric-mean perplexity."""
+    return {"mean": statistics.mean(ppl), "worst": max(ppl), "geomean": statistics.geometric_mean(ppl),
+            "epsilon": epsilon}
+
+
+def client_names(out: Path) -> list[str]:
+    summary_file = next(out.glob("eps*/federated/data/summary.json"))
+    return [c["sources"][0] for c in json.loads(summary_file.read_text())]
+
+
+def swing(results: dict, out: Path) -> dict | None:
+    """The client far above the others (it carries the mean) and the worst client's perplexity round by round:
+    under the shared adapter it swings with whether a round sampled that client."""
+    if "0" not in results:
+        return None
     base = results["0"]["base"]["ppl"]
     i = max(range(len(base)), key=base.__getitem__)
-    swings = []
-    for e in ("0", "8"):
+    worst = {}
+    for e in (e for e in ("0", "8") if (out / f"eps{e}" / "federated" / "metrics.jsonl").exists()):
         metrics = (out / f"eps{e}" / "federated" / "metrics.jsonl").read_text().splitlines()
-        worst = [json.loads(line).get("eval_perplexity_worst") for line in metrics]
-        swings.append(f"{'no DP' if e == '0' else 'ε=8'}: " + ", ".join(f"{w:.0f}" for w in worst if w))
-    return (f"The two measures disagree because one client carries the mean: {names[i]} (base {base[i]:.0f}, "
-            f"{base[i] / statistics.median(base):.1f}x the median client's). Under the shared adapter its "
-            "perplexity rises and falls with whether a round sampled it; the worst client's perplexity, round by "
-            f"round from the base: {'; '.join(swings)}. Mean-client figures on this data set therefore rest largely "
-            "on which rounds drew that one client; the geometric mean (exp of the mean client loss) is the steadier "
-            "measure of the federation as a whole.")
+        worst[e] = [w for w in (json.loads(line).get("eval_perplexity_worst") for line in metrics) if w]
+    return {"client": client_names(out)[i], "base": base[i], "times_median": base[i] / statistics.median(base),
+            "worst_by_round": worst}
 
 
-def noise_to_signal(out: Path) -> str:
-    """Why DP-SGD costs learning here: per step, the Gaussian noise added to a client's averaged clipped gradient
-    against the largest signal that average can carry (norm C), for every client of the epsilon-8 run."""
+def noise_to_signal(out: Path) -> dict | None:
+    """Per step, the Gaussian noise added to a client's averaged clipped gradient against the largest signal that
+    average can carry (norm C), for every client of the epsilon-8 run."""
     run = out / "eps8" / "federated"
+    if not (run / "settings.json").exists():
+        return None
     used = RunSettings.from_json((run / "settings.json").read_text())
     base, _ = load_base_model(used.model, used.cache_dir)
     d = sum(p.numel() for p in apply_lora(base, used.lora, used.seed).parameters() if p.requires_grad)
-    k = used.federation.clients_per_round
     plans = [PrivacyLedger(path).read().parameters for path in sorted((run / "privacy").glob("client_*.json"))]
+    if not plans:
+        return None
     sigmas = [p.noise_multiplier for p in plans]
-    ratio = sorted(p.noise_multiplier * math.sqrt(d) / (p.sample_rate * p.sequences) for p in plans)
-    return (f"Why DP costs this much learning here: at ε=8 each client's noise multiplier is "
-            f"{min(sigmas):.2f}-{max(sigmas):.2f} (its plan: {plans[0].planned_steps} steps at its sampling rate), "
-            f"so the noise added to each averaged step has norm σ·C·√d/B = {ratio[0]:.1f}-{ratio[-1]:.1f} times C "
-            f"over the d = {d:,} adapter parameters, while the averaged clipped gradient itself has norm at most "
-            f"C; averaging {k} clients' updates only divides it by √{k}. Most of each DP step is noise, so the "
-            "adapter learns far less per step than without DP. Sections 7.1 and 7.2 measure the settings that "
-            "might change that.")
+    ratio = [p.noise_multiplier * math.sqrt(d) / (p.sample_rate * p.sequences) for p in plans]
+    return {"sigma_min": min(sigmas), "sigma_max": max(sigmas), "planned_steps": plans[0].planned_steps,
+            "ratio_min": min(ratio), "ratio_max": max(ratio), "adapter_parameters": d,
+            "clients_per_round": used.federation.clients_per_round}
 
 
-def personalisation_note(results: dict, lost: list[float], out: Path) -> str:
-    """Why local-only can win here: which clients gain more alone, and by how much."""
-    names = [c["sources"][0] for c in json.loads(next(out.glob("eps*/federated/data/summary.json")).read_text())]
-    parts = []
-    for e in lost:
-        cell = results[f"{e:g}"]
+def personalisation(results: dict, out: Path) -> dict:
+    """Per privacy level: for how many clients local-only beats federated, and the client it helps most."""
+    names, notes = client_names(out), {}
+    for e, cell in results.items():
+        if not {"local-only", "federated"} <= set(cell):
+            continue
         local, fed, base = cell["local-only"]["ppl"], cell["federated"]["ppl"], cell["base"]["ppl"]
-        better = [i for i in range(len(local)) if local[i] < fed[i]]
         i = max(range(len(local)), key=lambda j: fed[j] - local[j])
-        parts.append(f"{'no DP' if e == 0 else f'ε={e:g}'}: local-only is better for {len(better)} of {len(local)} "
-                     f"clients, most for {names[i]} ({base[i]:.0f} base -> {local[i]:.0f} alone vs {fed[i]:.0f} "
-                     "federated)")
-    return ("Why: each client is scored on its own held-out text, and the clients' data differ (one code base or "
-            "one group of packages each). Local-only trains one adapter per client on exactly that distribution; "
-            "federated (and centralised) training fits one shared adapter to all of them, and a client far from "
-            "the others (high base perplexity) gains little from the average. " + "; ".join(parts) + ".")
+        notes[e] = {"better": sum(local[j] < fed[j] for j in range(len(local))), "clients": len(local),
+                    "client": names[i], "base": base[i], "alone": local[i], "federated": fed[i]}
+    return notes
 
 
-def table(results: dict, dataset: str, label: str, plot_path: Path, out: Path) -> list[str]:
-    eps = [e for e in EPSILONS if f"{e:g}" in results]
-    cols = ["no DP" if e == 0 else f"ε = {e:g}" for e in eps]
-    lines = [f"### {dataset}{f' ({label})' if label else ''}", "",
-             "| row | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    for row in ROWS:
-        cells = []
-        for e in eps:
-            ppl = results[f"{e:g}"].get(row, {}).get("ppl")
-            cells.append(cell(ppl) if ppl else "not run")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    spent = "; ".join(f"ε={e:g}: " + ", ".join(f"{row} {results[f'{e:g}'][row]['epsilon']:.2f}" for row in ROWS[1:]
-                                               if row in results[f"{e:g}"]) for e in eps if e)
-    absent = [f"{'no DP' if e == 0 else f'ε={e:g}'}" for e in EPSILONS if f"{e:g}" not in results]
-    if absent:
-        lines += ["", f"Not measured yet: {', '.join(absent)} (`--epsilons` adds them; measured cells are kept)."]
-    lines += ["", "Cells: mean / worst client (geometric mean) held-out perplexity." +
-              (f" Largest epsilon actually spent: {spent}." if spent else "")]
-    lines += [f"- {line}" for line in budget_spent(out, eps)] + [""]
-    compared = [e for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])]
-    for center, who in ((statistics.mean, "the mean client"), (statistics.geometric_mean, "the geometric mean")):
-        beats = {e: gain(results, "federated", e, center) > gain(results, "local-only", e, center) for e in compared}
-        wins = [f"{'no DP' if e == 0 else f'ε={e:g}'}: {'yes' if won else '**no**'}" for e, won in beats.items()]
-        if wins:
-            lines.append(f"- Federated beats local-only for {who}: {', '.join(wins)}.")
-    lost = [e for e in eps if {"federated", "local-only"} <= set(results[f"{e:g}"])
-            and gain(results, "federated", e) <= gain(results, "local-only", e)]
-    if lost:
-        lines.append(f"  {personalisation_note(results, lost, out)}")
-    worse = [e for e in eps if "centralised" in results[f"{e:g}"]
-             and min(gain(results, "centralised", e), gain(results, "centralised", e, statistics.geometric_mean)) < 0]
-    if worse:
-        lines.append(f"- Centralised ends worse than the base at {', '.join(f'ε={e:g}' for e in worse)} (by the mean "
-                     "or the geometric mean): not a "
-                     "ceiling there. Likely cause (not isolated): it takes all the federation's steps on one adapter, "
-                     "so the noise of each DP step accumulates over many more steps than any client takes; "
-                     "federated clients take fewer steps each and their noise is averaged.")
-    if all("federated" in results.get(k, {}) for k in ("0", "8")):
-        kept = gain(results, "federated", 8.0) / gain(results, "federated", 0.0)
-        kept_geo = (gain(results, "federated", 8.0, statistics.geometric_mean) /
-                    gain(results, "federated", 0.0, statistics.geometric_mean))
-        verdict = "met" if kept >= GAIN_KEPT_TARGET else "**not met**"
-        lines.append(f"- DP at ε=8 keeps {100 * kept:.0f} % of the non-private federated gain over the base "
-                     f"(target {100 * GAIN_KEPT_TARGET:.0f} %): {verdict}; by the geometric mean, "
-                     f"{100 * kept_geo:.0f} %.")
-        if min(kept, kept_geo) < GAIN_KEPT_TARGET:
-            lines.append(f"  {noise_to_signal(out)}")
-        if abs(kept - kept_geo) > 0.2:
-            lines.append(f"  {swing_note(results, out)}")
-    lines += ["", f"![perplexity vs epsilon, {dataset}]({plot_path.relative_to(ROOT).as_posix()})", ""]
-    return lines
-
-
-def budget_spent(out: Path, epsilons: list[float]) -> list[str]:
-    """What each client of the federated row spent of its budget, from its own ledger (the target: >= 80 %)."""
-    lines = []
-    for e in (e for e in epsilons if e):
-        ledgers = sorted((out / f"eps{e:g}" / "federated" / "privacy").glob("client_*.json"))
-        spent = [PrivacyLedger(path).read().epsilon for path in ledgers]
+def budget_spent(out: Path, epsilons: list[str]) -> dict:
+    """What each client of the federated row spent of its budget, from its own ledger."""
+    spent_by = {}
+    for e in (e for e in epsilons if float(e)):
+        spent = [PrivacyLedger(path).read().epsilon
+                 for path in sorted((out / f"eps{e}" / "federated" / "privacy").glob("client_*.json"))]
         if spent:
-            verdict = "met" if min(spent) >= 0.8 * e and max(spent) <= e else "**not met**"
-            lines.append(f"Budget spent by each of the {len(spent)} federated clients at ε={e:g}: "
-                         f"{min(spent):.2f}-{max(spent):.2f}, {100 * min(spent) / e:.0f}-{100 * max(spent) / e:.0f} % "
-                         f"(target: every client at least 80 % and none above 100 %): {verdict}.")
-    return lines
+            spent_by[e] = {"clients": len(spent), "min": min(spent), "max": max(spent)}
+    return spent_by
 
 
-def trained_with(out: Path) -> str:
+def trained_with(out: Path) -> dict:
     """The settings the cached results were trained with, read from the federated runs' own settings.json: the
     non-private and the DP path each have their own batch, optimiser and learning rate (conf/privacy/)."""
     paths = {}
     for path in sorted(out.glob("eps*/federated/settings.json")):
         used = json.loads(path.read_text())
         paths.setdefault("DP" if used["privacy"]["name"] != "disabled" else "no DP", used)
-    fed = next(iter(paths.values()))["federation"]
+    fed, t = next(iter(paths.values()))["federation"], next(iter(paths.values()))["train"]
     described = []
     for name, used in paths.items():
-        t = used["train"]
-        batch = "auto (each client's plan)" if t["batch_size"] == "auto" else t["batch_size"]
-        momentum = f" momentum {t['momentum']:g}" if t["optimizer"] == "sgd" else ""
-        described.append(f"{name}: {t['optimizer']}{momentum} lr {t['learning_rate']:g}, batch {batch}"
-                         + (f", max_grad_norm {used['privacy']['max_grad_norm']:g}, auto batch at most "
-                            f"{used['privacy']['max_auto_batch']}" if name == "DP" else ""))
-    t = next(iter(paths.values()))["train"]
-    return (f"Trained with: {fed['num_clients']} clients, {fed['clients_per_round']} per round, {fed['rounds']} "
-            f"rounds of {t['local_steps']} local steps; {'; '.join(described)}; precision {t['precision']} "
-            f"({resolve_precision(t['precision'])} here).")
+        p = used["train"]
+        described.append({"name": name, "optimizer": p["optimizer"], "momentum": p["momentum"],
+                          "learning_rate": p["learning_rate"], "batch_size": p["batch_size"],
+                          **({"max_grad_norm": used["privacy"]["max_grad_norm"],
+                              "max_auto_batch": used["privacy"]["max_auto_batch"]} if name == "DP" else {})})
+    return {"num_clients": fed["num_clients"], "clients_per_round": fed["clients_per_round"], "rounds": fed["rounds"],
+            "local_steps": t["local_steps"], "paths": described, "precision": t["precision"],
+            "resolved_precision": resolve_precision(t["precision"])}
+
+
+def dataset_figures(results: dict, dataset: str, label: str, out: Path) -> dict:
+    """One data set's table and the figures behind its notes, from the cached per-client results."""
+    if not results:
+        return {"name": dataset, "label": label, "cells": {}}
+    plot_path = ROOT / "benchmarks" / "plots" / f"quality-{out.name}.png"
+    plot(results, dataset, plot_path)
+    return {"name": dataset, "label": label, "plot": plot_path.relative_to(ROOT).as_posix(),
+            "cells": {e: {row: summary(r["ppl"], r["epsilon"]) for row, r in cell.items()} for e, cell in results.items()},
+            "budget": budget_spent(out, list(results)), "personalisation": personalisation(results, out),
+            "noise": noise_to_signal(out), "swing": swing(results, out), "trained_with": trained_with(out)}
 
 
 def measure(dataset: str, extra: list[str], epsilons: list[float], rows: list[str], cached: bool) -> tuple[dict, Path]:
@@ -367,45 +352,24 @@ LEVERS = (
 )
 
 
-def levers_section(dataset: str, quick: bool, cached: bool) -> list[str]:
-    """Section 7.1's table: the federated row at no DP and at epsilon 8 for the defaults and every lever."""
+def levers_figures(dataset: str, quick: bool, cached: bool) -> dict:
+    """Section 7.1's figures: the federated row at no DP and at epsilon 8 for the defaults and every lever."""
     base_extra = QUICK if quick else []
     defaults, out = measure(dataset, base_extra, [0.0, 8.0], ["federated"], cached)
+    figures = {"dataset": dataset, "label": " ".join(base_extra), "settings": []}
     if "0" not in defaults:
-        return [f"### {dataset}", "", "Not measured yet.", ""]
-    summary = json.loads((out / "eps0" / "federated" / "data" / "summary.json").read_text())
-    sizes = [c["train_sequences"] for c in summary]
-    lines = [f"### {dataset} ({' '.join(base_extra) or 'default rounds'})", "",
-             "| setting | what it changes | no DP | ε = 8 | ε=8 keeps of the no-DP gain (geometric mean) |",
-             "|---|---|---:|---:|---:|"]
-    kept_geo = {}
+        return figures
+    sizes = [c["train_sequences"] for c in
+             json.loads((out / "eps0" / "federated" / "data" / "summary.json").read_text())]
+    figures.update(base=summary(defaults["0"]["base"]["ppl"]), train_sequences={"min": min(sizes), "max": max(sizes)})
     for label, why, changes_plain in (("defaults", "the settings of section 7", False), *LEVERS):
         extra = base_extra + (label.split() if label != "defaults" else [])
         results, _ = measure(dataset, extra, [0.0, 8.0] if changes_plain else [8.0], ["federated"], cached)
         plain = (results if changes_plain else defaults).get("0", {}).get("federated")
         private = (results if label != "defaults" else defaults).get("8", {}).get("federated")
-        if not (plain and private):
-            lines.append(f"| `{label}` | {why} | not measured yet | | |")
-            continue
-        base = defaults["0"]["base"]["ppl"]
-        kept = [(center(base) - center(private["ppl"])) / (center(base) - center(plain["ppl"]))
-                for center in (statistics.mean, statistics.geometric_mean)]
-        lines.append(f"| `{label}` | {why} | {cell(plain['ppl'])} | {cell(private['ppl'])} | "
-                     f"{100 * kept[0]:.0f} % ({100 * kept[1]:.0f} %) |")
-        kept_geo[label] = kept[1]
-    best = max(kept_geo, key=kept_geo.get)
-    verdict = ("None keeps more of the gain than the defaults by the geometric mean (the mean is carried by one "
-               "client, section 7)" if best == "defaults" else
-               f"`{best}` keeps the most by the geometric mean, {100 * kept_geo[best]:.0f} %")
-    return lines + ["", f"Cells: mean / worst client (geometric mean) held-out perplexity of the federated row; the "
-                        f"base model: {cell(defaults['0']['base']['ppl'])}. Each setting is section 7's defaults "
-                        "with only that override, in a real simulation of its own.", "",
-                    f"{verdict}; the 80 % target stays out of reach. With {min(sizes):,}-{max(sizes):,} training "
-                    "sequences per client, "
-                    "the noise that ε=8 requires over a client's horizon outweighs one step's signal whichever way "
-                    "the step is shaped. The lever these settings cannot pull is more data per client: it lets the "
-                    "batch grow at the same sampling rate, so the same σ, and the noise on a step's mean falls as "
-                    "1/B (at B times the compute per step).", ""]
+        figures["settings"].append({"setting": label, "why": why, "plain": plain and summary(plain["ppl"]),
+                                    "private": private and summary(private["ppl"])})
+    return figures
 
 
 def main() -> None:
@@ -413,54 +377,31 @@ def main() -> None:
     parser.add_argument("--datasets", default="packages,descriptions", help="comma-separated: packages, descriptions")
     parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS), help="0 means no DP")
     parser.add_argument("--quick", action="store_true", help=f"{' '.join(QUICK)} for every row")
-    parser.add_argument("--rows", default=",".join(ROWS[1:]), help="rows to train (the base is always evaluated)")
+    parser.add_argument("--rows", default=",".join(row.name for row in ROWS[1:]),
+                        help="rows to train (the base is always evaluated)")
     parser.add_argument("--set", default="", help="extra Hydra overrides for every row, e.g. 'train.batch_size=64' "
-                        "(section 7.2)")
+                        "(section 7.3)")
     parser.add_argument("--levers", action="store_true", help="section 7.1 only: the federated row under each "
                         "setting of LEVERS, without DP and at epsilon 8, on the first of --datasets")
     parser.add_argument("--cached", action="store_true", help="only tabulate what earlier runs measured")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     make_offline_safe()
-    load, command = os.getloadavg()[0], command_line()
-    stamp = provenance(command, load) + (" Tabulated from the cells that the same command without `--cached` "
-                                         "measured and cached (outputs/bench-quality/)." if args.cached else "")
+    stamp = Provenance()
     if args.levers:
-        body = levers_section(args.datasets.split(",")[0], args.quick, args.cached)
-        section = "\n".join([
-            f"## {SECTION}.1. Learning quality: what else might keep the gain under DP-SGD?", "",
-            stamp, "", *body])
-        write_sections(args.output, [section])
-        print(section, flush=True)
+        publish("levers", stamp, levers_figures(args.datasets.split(",")[0], args.quick, args.cached), args.output)
         return
     extra = (QUICK if args.quick else []) + args.set.split()
-    label = " ".join(extra)
-    body = []
+    datasets = []
     for dataset in args.datasets.split(","):
         results, out = measure(dataset, extra, [float(e) for e in args.epsilons.split(",")], args.rows.split(","),
                                args.cached)
-        if not results:
-            body += [f"### {dataset}", "", "Not measured yet.", ""]
-            continue
-        plot_path = ROOT / "benchmarks" / "plots" / f"quality-{out.name}.png"
-        plot(results, dataset, plot_path)
-        body += table(results, dataset, label, plot_path, out) + [trained_with(out), ""]
-    number, title = (SECTION, "") if not args.set else (f"{SECTION}.2", f" (other training settings: {args.set})")
-    section = "\n".join([
-        f"## {number}. Learning quality{title}: does federating beat training alone, and what does privacy cost?", "",
-        stamp, "",
-        "Every row is evaluated on every client's own held-out split (its first `train.max_eval_sequences` "
-        "sequences), with the training settings listed under each table. **base**: the embedded base model, no "
-        "adapter training. "
-        "**local-only**: each client trains alone (in-process, `train_local` / `train_local_dp`) for the rounds "
-        "the server's balanced sampling asks of it (rounds x clients per round / clients), with the same local "
-        "steps and privacy plan (sampling rate, noise multiplier) as inside the federation, so the same epsilon. **federated**: the real "
-        "simulation (`simulations.launch.simulate`, SecAgg+ off since it changes the aggregate by < 1e-6), its "
-        "final global adapter evaluated per client. **centralised**: all clients' training rows pooled, the "
-        "federation's total number of steps, with the privacy plan of one client holding them all over those steps "
-        "(meant as the ceiling: pooling many more sequences makes each sampled step far cheaper in privacy).", "", *body])
-    write_sections(args.output, [section])
-    print(section, flush=True)
+        datasets.append(dataset_figures(results, dataset, " ".join(extra), out))
+    figures = {"rows": [{"name": row.name, "about": row.about} for row in ROWS], "epsilons_offered": list(EPSILONS),
+               "datasets": datasets}
+    if args.set:
+        figures["set"] = args.set
+    publish("quality-set" if args.set else "quality", stamp, figures, args.output)
 
 
 if __name__ == "__main__":
