@@ -108,6 +108,8 @@ class Cell:
     reset: Callable[[], None]
     out: Path
     label: str
+    overrides: list[str]
+    """The data set's and the run's extra overrides, without the privacy ones (a row may choose its own path)."""
 
     def perplexities(self) -> list[float]:
         """Each client's held-out perplexity (its first max_eval_sequences, as the federation evaluates)."""
@@ -134,6 +136,23 @@ def federated(c: Cell) -> dict:
     log(f"{c.label}: federated (the real simulation, SecAgg+ off: it changes the sum by < 1e-6)")
     shutil.rmtree(c.out / "federated" / "privacy", ignore_errors=True)  # a re-run must not inherit spent budgets
     outcome = simulate(c.settings)
+    c.reset()
+    set_peft_model_state_dict(c.model, load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors"))
+    return {"ppl": c.perplexities(), "epsilon": max((r.get("epsilon_max") or 0.0) for r in outcome.rows)}
+
+
+def distributed(c: Cell) -> dict | None:
+    """privacy=distributed_dp_sgd at the cell's budget, with that path's own defaults (conf/privacy/): the real
+    simulation with SecAgg+, its final global adapter evaluated on every client. Nothing without DP."""
+    privacy = c.settings.privacy
+    if not privacy.enabled:
+        return None
+    log(f"{c.label}: federated, distributed DP (the real simulation, SecAgg+ on)")
+    settings = compose_settings(c.overrides + ["privacy=distributed_dp_sgd",
+                                               f"privacy.target_epsilon={privacy.target_epsilon:g}"],
+                                str(c.out / "distributed"))
+    shutil.rmtree(c.out / "distributed" / "privacy", ignore_errors=True)
+    outcome = simulate(settings)
     c.reset()
     set_peft_model_state_dict(c.model, load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors"))
     return {"ppl": c.perplexities(), "epsilon": max((r.get("epsilon_max") or 0.0) for r in outcome.rows)}
@@ -169,6 +188,10 @@ ROWS = (
     Row("federated", "the real simulation (`simulations.launch.simulate`, SecAgg+ off: it changes the aggregate "
         "only within what tests/integration/test_secagg.py allows), its final global adapter evaluated per client.",
         "C0o-", federated),
+    Row("distributed", "`privacy=distributed_dp_sgd` at the same budget, with that path's own defaults "
+        "(conf/privacy/distributed_dp_sgd.yaml: its rounds, sampling rate, clipping and server step): one central "
+        "DP-SGD step per round over the sampled clients' data, noised in shares under SecAgg+ (on); the real "
+        "simulation, its final global adapter evaluated per client. Not run without DP.", "C3s-", distributed),
     Row("centralised", "all clients' training rows pooled, the federation's total number of steps, with the privacy "
         "plan of one client holding them all over those steps (meant as the ceiling: pooling many more sequences "
         "makes each sampled step far cheaper in privacy).", "C2o-", centralised),
@@ -189,11 +212,13 @@ def run_cell(dataset: str, epsilon: float, extra: list[str], out: Path, rows: li
     fresh = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     # A federated client's threads: the rows compare like with like, and two threads on a busy machine stall.
     c = Cell(settings, clients, model, lambda: model.load_state_dict(fresh, strict=False), out,
-             f"{dataset} eps={epsilon:g}")
+             f"{dataset} eps={epsilon:g}", dataset_overrides(dataset) + extra)
     cell = {**cell, "base": {"ppl": c.perplexities(), "epsilon": 0.0}}
     for row in ROWS:
         if row.train and row.name in rows and row.name not in cell:
-            cell[row.name] = row.train(c)
+            measured = row.train(c)
+            if measured is not None:
+                cell[row.name] = measured
     return cell
 
 
@@ -279,12 +304,12 @@ def personalisation(results: dict, out: Path) -> dict:
     return notes
 
 
-def budget_spent(out: Path, epsilons: list[str]) -> dict:
-    """What each client of the federated row spent of its budget, from its own ledger."""
+def budget_spent(out: Path, epsilons: list[str], row: str = "federated") -> dict:
+    """What each client of a federated row spent of its budget, from its own ledger."""
     spent_by = {}
     for e in (e for e in epsilons if float(e)):
         spent = [PrivacyLedger(path).read().epsilon
-                 for path in sorted((out / f"eps{e}" / "federated" / "privacy").glob("client_*.json"))]
+                 for path in sorted((out / f"eps{e}" / row / "privacy").glob("client_*.json"))]
         if spent:
             spent_by[e] = {"clients": len(spent), "min": min(spent), "max": max(spent)}
     return spent_by
@@ -318,7 +343,9 @@ def dataset_figures(results: dict, dataset: str, label: str, out: Path) -> dict:
     plot(results, dataset, plot_path)
     return {"name": dataset, "label": label, "plot": plot_path.relative_to(ROOT).as_posix(),
             "cells": {e: {row: summary(r["ppl"], r["epsilon"]) for row, r in cell.items()} for e, cell in results.items()},
-            "budget": budget_spent(out, list(results)), "personalisation": personalisation(results, out),
+            "budget": budget_spent(out, list(results)), "budget_distributed": budget_spent(out, list(results),
+                                                                                          "distributed"),
+            "personalisation": personalisation(results, out),
             "noise": noise_to_signal(out), "swing": swing(results, out), "trained_with": trained_with(out)}
 
 
@@ -330,7 +357,8 @@ def measure(dataset: str, extra: list[str], epsilons: list[float], rows: list[st
     results = json.loads(cache.read_text()) if cache.exists() else {}
     for epsilon in epsilons:
         key = f"{epsilon:g}"
-        missing = any(row not in results.get(key, {}) for row in rows)  # finished rows are reused
+        # finished rows are reused (distributed has no cell without DP)
+    missing = any(row not in results.get(key, {}) for row in rows if epsilon or row != "distributed")
         if missing and not cached:
             measured = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
             cache.parent.mkdir(parents=True, exist_ok=True)
