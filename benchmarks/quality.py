@@ -358,7 +358,7 @@ def measure(dataset: str, extra: list[str], epsilons: list[float], rows: list[st
     for epsilon in epsilons:
         key = f"{epsilon:g}"
         # finished rows are reused (distributed has no cell without DP)
-    missing = any(row not in results.get(key, {}) for row in rows if epsilon or row != "distributed")
+        missing = any(row not in results.get(key, {}) for row in rows if epsilon or row != "distributed")
         if missing and not cached:
             measured = run_cell(dataset, epsilon, extra, out, rows, results.get(key, {}))
             cache.parent.mkdir(parents=True, exist_ok=True)

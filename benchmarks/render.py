@@ -642,6 +642,53 @@ def precision(get: Get) -> list[str]:
 
 Title = "str | Callable[[dict], str]"
 
+# ---- sections 4.1 and 7.4: distributed_dp.py ----------------------------------------------------------------------
+
+def distributed_round(get: Get) -> list[str]:
+    f = get("distributed_round")["figures"]
+    compute = f["default"] - f["empty"]
+    return [f"A round of `privacy=distributed_dp_sgd` is one DP-SGD step: {f['clients_per_round']} clients each sum "
+            f"their clipped gradients over a Poisson batch (rate {f['sample_rate']:g}), then the SecAgg+ stages run. "
+            f"Median of rounds without evaluation, over {f['rounds']} rounds:", "",
+            *table(["sampling rate", "seconds per round"], "lr",
+                   [[f"{f['sample_rate']:g} (the default)", f"{f['default']:.1f}"],
+                    ["1e-6 (every batch empty: no client compute)", f"{f['empty']:.1f}"]]), "",
+            f"The round loop, Ray's message passing and SecAgg+'s four stages cost {f['empty']:.1f} s a round, "
+            f"{pct(f['empty'] / f['default'])} of a default round; the clients' gradients cost the other "
+            f"{compute:.1f} s."]
+
+
+def distributed_sweep(get: Get) -> list[str]:
+    f = get("distributed_sweep")["figures"]
+    lines = ["Each row is a real federation of the default shape (Simulation Engine; SecAgg+ on for the distributed "
+             "rows), epsilon 8 for every DP row, one run each (the noise is fresh every time, so small differences "
+             "are not significant). Cells: mean / worst client (geometric mean) held-out perplexity at the last round; "
+             "gain kept is (base - row) / (base - no DP) by the geometric mean.", ""]
+    for d in f["datasets"]:
+        runs = {r["label"]: r for r in d["runs"]}
+        ref = runs.get("no DP")
+        lines += [f"### {d['name']}", ""]
+        rows = []
+        for r in d["runs"]:
+            first, last = r["by_round"][0], r["by_round"][-1]
+            kept = ((first["geomean"] - last["geomean"]) / (ref["by_round"][0]["geomean"] - ref["by_round"][-1]["geomean"])
+                    if ref else None)
+            path = " ".join(r["overrides"])
+            rows.append([r["label"], f"`{path}`", r["rounds"], f"{last['mean']:.1f} / {last['worst']:.1f} "
+                         f"({last['geomean']:.1f})", pct(kept) if kept is not None else "-",
+                         "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}", f"{r['seconds_per_round']:.1f}"])
+        lines += table(["setting", "overrides", "rounds", "last round", "gain kept", "ε spent", "s / round"],
+                       "llrrrrr", rows)
+        distributed = [r for r in d["runs"] if "privacy=distributed_dp_sgd" in r["overrides"]]
+        if distributed:
+            best = min(distributed, key=lambda r: r["by_round"][-1]["geomean"])
+            curve = ", ".join(f"{p['geomean']:.1f}" for p in best["by_round"])
+            lines += ["", f"Best distributed setting by the geometric mean: {best['label']}; its geometric mean at "
+                          f"every evaluated round: {curve}."]
+        lines.append("")
+    return lines[:-1]
+
+
 SECTIONS: list[tuple[str, str, Title, Callable[[Get], list[str]]]] = [
     # (number, results/NAME.json, title (or a function of the figures), body): rendered when the file exists.
     ("1", "throughput", "Client training throughput (default model, LoRA and training settings)", throughput),
@@ -649,6 +696,7 @@ SECTIONS: list[tuple[str, str, Title, Callable[[Get], list[str]]]] = [
      federation),
     ("3", "dp", "DP-SGD step cost (DP step time / plain step time)", dp_cost),
     ("4", "secagg", "SecAgg+ cost (SecAgg+ round / plain round)", secagg_cost),
+    ("4.1", "distributed_round", "Federation-wide DP-SGD: where a round's time goes", distributed_round),
     ("5", "strategies", lambda f: f"Strategies on the default federation ({f['rounds']} rounds)", strategies),
     ("6", "deployment", "Deployment on loopback vs simulation", deployment),
     ("7", "quality", "Learning quality: does federating beat training alone, and what does privacy cost?", quality),
@@ -656,6 +704,8 @@ SECTIONS: list[tuple[str, str, Title, Callable[[Get], list[str]]]] = [
     ("7.2", "dp_sweep", "The DP path's training defaults: optimiser x learning rate x expected batch", dp_sweep),
     ("7.3", "quality-set", lambda f: f"Learning quality (other training settings: {f['set']}): does federating beat "
      "training alone, and what does privacy cost?", lambda get: quality(get, "quality-set")),
+    ("7.4", "distributed_sweep", "Federation-wide DP-SGD (`privacy=distributed_dp_sgd`): its defaults, measured",
+     distributed_sweep),
     ("8", "memory", lambda f: f"Memory: one client process, and the largest federation under {f['ceiling_gib']:g} GiB",
      memory),
     ("9", "bytes", "Bytes down and up per client per round, by strategy", bytes_by_strategy),
