@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fedlm.data import ClientData, client_data_path
+from fedlm.data.preparation import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.plan import plan_privacy
 from fedlm.privacy import epsilon_of, train_local_dp

@@ -33,7 +33,7 @@ def client_round(private: bool) -> tuple[float, int]:
     round at the default settings, evaluate); returns the process's peak RSS in GiB and the adapter's size."""
     import torch
 
-    from fedlm.data import ClientData, client_data_path
+    from fedlm.data.preparation import ClientData, client_data_path
     from fedlm.model import apply_lora, load_base_model
     from fedlm.plan import plan_privacy
     from fedlm.privacy import train_local_dp

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from common import ROOT, TIMED_BATCH, Provenance, log, publish
-from fedlm.data import ClientData, client_data_path
+from fedlm.data.preparation import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.plan import plan_privacy
 from fedlm.privacy import train_local_dp

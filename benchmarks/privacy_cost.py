@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedlm.data import ClientData, client_data_path, prepare_federation
+from fedlm.data.preparation import ClientData, client_data_path, prepare_federation
 from fedlm.model import apply_lora, load_base_model
 from fedlm.plan import plan_privacy
 from fedlm.privacy import train_local_dp

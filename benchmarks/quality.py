@@ -21,7 +21,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from common import ROOT, Provenance, log, publish
-from fedlm.data import ClientData, client_data_path
+from fedlm.data.preparation import ClientData, client_data_path
 from fedlm.model import apply_lora, load_base_model
 from fedlm.ledger import PrivacyLedger
 from fedlm.plan import plan_privacy, planned_rounds

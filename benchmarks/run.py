@@ -17,7 +17,7 @@ import torch
 
 import privacy_cost  # benchmarks/ is sys.path[0] when run as a script
 from common import ROOT, TIMED_BATCH, Provenance, log, publish
-from fedlm.data import ClientData, client_data_path, prepare_federation
+from fedlm.data.preparation import ClientData, client_data_path, prepare_federation
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings, TrainSettings
 from fedlm.training import evaluate, train_local

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from fedlm.flower_process import answers_tls, flower_env, flower_executable, split_address as _split_address
 from fedlm.settings import ConfigError
-from fedlm.sources import check_local_text
+from fedlm.data.sources import check_local_text
 
 PROBE_SECONDS = 5.0
 REFUSED_RETRY_SECONDS = 5.0
@@ -46,7 +46,7 @@ def _readable_file(path: Path, flag: str) -> bytes:
 
 
 def check_data(path: Path) -> None:
-    """The device's private text, read by the same strict readers its training uses (fedlm/sources.py).
+    """The device's private text, read by the same strict readers its training uses (fedlm/data/sources.py).
 
     Raises:
         ConfigError: naming the path (or the file, byte and line) and what to put there.

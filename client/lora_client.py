@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedlm.adapter import WireFormat
-from fedlm.data import ClientData, client_data_path, prepare_device_data
+from fedlm.data.preparation import ClientData, client_data_path, prepare_device_data
 from fedlm.model import apply_lora, load_base_model
 from fedlm.distributed_dp import encode_share, grid_step, rounded_sensitivity, secret_rng
 from fedlm.ledger import LedgerParameters, PrivacyLedger, Spend

@@ -14,7 +14,9 @@ from flwr.serverapp import Grid
 from peft import PeftModel
 
 from fedlm.adapter import WireFormat
-from fedlm.data import load_texts, pack_texts, prepare_federation
+from fedlm.data.packing import pack_texts
+from fedlm.data.preparation import prepare_federation
+from fedlm.data.sources import load_texts
 from fedlm.model import apply_lora, load_base_model
 from fedlm.settings import RunSettings, check_resumable, settings_from_run_config
 from fedlm.training import evaluate

@@ -1,4 +1,4 @@
-"""Unit tests for fedlm.data: sources, partitioning, packing and federation preparation (offline)."""
+"""Unit tests for fedlm/data/: sources, partitioning, packing and federation preparation (offline)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fedlm import data, sources
-from fedlm.data import ClientData, build_client_data, client_data_path, pack_texts, partition_corpus, prepare_federation
+from fedlm.data import packing, sources
+from fedlm.data.packing import pack_texts
+from fedlm.data.partitioning import partition_corpus
+from fedlm.data.preparation import ClientData, build_client_data, client_data_path, prepare_federation
 from fedlm.settings import DATA_SOURCES, ConfigError, DatasetSettings, FederationSettings, RunSettings, TrainSettings
-from fedlm.sources import READERS, load_corpus, load_texts
+from fedlm.data.sources import READERS, load_corpus, load_texts
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 Tok = PreTrainedTokenizerFast
@@ -402,10 +404,10 @@ def test_long_lines_are_tokenised_in_pieces_losing_nothing(tokenizer: Tok, monke
     words = " ".join(letter_doc(c, 20) for c in LETTERS)
     whole = tokenizer(words, add_special_tokens=False, verbose=False)["input_ids"]
     line = "".join(LETTERS[i % 7] * (1 + i % 3) for i in range(1200))  # 2,400 characters, no whitespace at all
-    monkeypatch.setattr(data, "TOKENIZE_PIECE_CHARS", 100)
-    monkeypatch.setattr(data, "TOKENIZE_BATCH_CHARS", 250)
-    assert max(map(len, data._pieces(line))) == 100 and "".join(data._pieces(line)) == line
-    (ids_words, ids_line), _ = data._tokenize([words, line], tokenizer)
+    monkeypatch.setattr(packing, "TOKENIZE_PIECE_CHARS", 100)
+    monkeypatch.setattr(packing, "TOKENIZE_BATCH_CHARS", 250)
+    assert max(map(len, packing._pieces(line))) == 100 and "".join(packing._pieces(line)) == line
+    (ids_words, ids_line), _ = packing.tokenize_documents([words, line], tokenizer)
     assert ids_words.tolist() == whole + [tokenizer.eos_token_id]  # cut before spaces: the same tokens
     assert tokenizer.decode(ids_line[:-1].tolist()) == line
 

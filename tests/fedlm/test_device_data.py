@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import make_text
-from fedlm.data import prepare_device_data
+from fedlm.data.preparation import prepare_device_data
 from fedlm.settings import ConfigError, RunSettings, settings_from_dict
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from fedlm.data import pack_texts
+from fedlm.data.packing import pack_texts
 from fedlm.distributed_dp import (WIRE_LEVELS, decode_sum, discrete_gaussian, encode_share, grid_step,
                                   rounded_sensitivity, sum_range)
 from fedlm.ledger import LedgerState

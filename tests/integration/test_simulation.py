@@ -7,7 +7,7 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedlm.data import ClientData, client_data_path
+from fedlm.data.preparation import ClientData, client_data_path
 from fedlm.settings import RunSettings, settings_from_dict
 from fedlm.training import evaluate, perplexity
 from simulations import sample

@@ -1,5 +1,5 @@
-"""The data pipeline after reading (fedlm/sources.py): split the corpus among clients, pack each client's text into
-token rows, and prepare a whole federation."""
+"""A client's prepared data (ClientData: its training and held-out rows) and preparing it: for a whole
+simulated federation, or for one device from its own folder, cached by fingerprint."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,77 +19,15 @@ import torch
 if TYPE_CHECKING:
     import datasets
 
+from fedlm.data.packing import pack_stream, tokenize_documents
+from fedlm.data.partitioning import partition_corpus
+from fedlm.data.sources import load_corpus, load_texts, txt_files
 from fedlm.files import write_atomic
 from fedlm.settings import AUTO, ConfigError, DatasetSettings, RunSettings
-from fedlm.sources import load_corpus, load_texts, txt_files
 
-MIN_LAST_ROW = 8
-"""A final, partial row is kept (padded) only if it holds at least this many real tokens."""
 FORMAT_VERSION = 1
 """Bump when the prepared files' layout changes, so old preparations are rebuilt, not reused."""
-TOKENIZE_PIECE_CHARS = 100_000
-"""Longer documents (a minified file, a log with no line breaks) reach the tokenizer in pieces of this size,
-cut before whitespace where there is some: they are packed into rows anyway, and a fast tokenizer holds
-about 240 bytes per token of a call's whole input (0.7 GB for a 4M-character line, measured)."""
-TOKENIZE_BATCH_CHARS = 1_000_000
-"""Characters per tokenizer call: bounds that memory for a client of any size (about 0.2 GB a call)."""
 
-
-# ---------------------------------------------------------------- partitioning
-
-def partition_corpus(corpus: datasets.Dataset, settings: DatasetSettings, num_clients: int,
-                     seed: int) -> list[datasets.Dataset]:
-    """Split the corpus into `num_clients` partitions with a flwr-datasets partitioner (seeded).
-
-    Raises:
-        ConfigError: if the partitioning column is unknown, or the data cannot give every client a share.
-    """
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner  # see _read_hub
-
-    kind, by, n_docs = settings.resolved_partitioner(), settings.partition_by, len(corpus)
-    if kind != "iid" and by not in corpus.column_names:
-        raise ConfigError(f"dataset.partition_by={by!r} is not a field of the data (available: "
-                          f"{corpus.column_names}); set it to one of those or use dataset.partitioner=iid")
-    if n_docs < num_clients:
-        raise ConfigError(f"the data has {n_docs} documents, fewer than federation.num_clients={num_clients}; "
-                          "add documents or lower federation.num_clients")
-    if kind == "iid":
-        partitioner: Any = IidPartitioner(num_partitions=num_clients)
-        corpus = corpus.shuffle(seed=seed).flatten_indices()  # IidPartitioner shards contiguously
-    elif kind == "natural":
-        ids = sorted(corpus.unique(by))
-        if len(ids) != num_clients:
-            shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
-            raise ConfigError(
-                f"dataset.partitioner=natural makes one client per distinct dataset.partition_by={by!r} "
-                f"value; the data has {len(ids)} ({shown}) but federation.num_clients={num_clients}; set "
-                f"federation.num_clients={len(ids)} or dataset.partitioner=iid")
-        partitioner = NaturalIdPartitioner(partition_by=by)
-    else:
-        n_classes = len(corpus.unique(by))
-        if n_classes == n_docs or n_classes > 1000:
-            raise ConfigError(
-                f"dataset.partitioner=dirichlet needs dataset.partition_by={by!r} to group documents into a "
-                f"few classes, but it has {n_classes} distinct values over {n_docs} documents; point "
-                "dataset.partition_by at a field such as a topic or author, or use dataset.partitioner=iid")
-        min_size = max(1, min(10, n_docs // (2 * num_clients)))
-        partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by=by, seed=seed,
-                                           alpha=settings.dirichlet_alpha, min_partition_size=min_size)
-    partitioner.dataset = corpus
-    try:
-        # flwr-datasets prints a progress bar and retry warnings; the summary reports the outcome.
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            return [partitioner.load_partition(i) for i in range(num_clients)]
-    except ValueError as err:
-        raise ConfigError(
-            f"dataset.partitioner={kind} could not give each of federation.num_clients={num_clients} "
-            f"clients a share of {n_docs} documents (dataset.dirichlet_alpha={settings.dirichlet_alpha}): "
-            f"{err}; raise dataset.dirichlet_alpha, lower federation.num_clients or use "
-            "dataset.partitioner=iid") from err
-
-
-# ---------------------------------------------------------------- tokenised client data
 
 @dataclass
 class ClientData:
@@ -133,51 +69,6 @@ def client_data_path(data_dir: Path, partition_id: int) -> Path:
     return Path(data_dir) / f"client_{partition_id}.pt"
 
 
-def _pack(stream: torch.Tensor, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    full, rest = divmod(len(stream), seq_len)
-    used = full * seq_len + (rest if rest >= MIN_LAST_ROW else 0)
-    rows = full + (rest >= MIN_LAST_ROW)
-    ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((rows, seq_len), dtype=torch.long)
-    ids.view(-1)[:used] = stream[:used]
-    mask.view(-1)[:used] = 1
-    return ids, mask
-
-
-def _pieces(text: str) -> list[str]:
-    """`text` cut into pieces of at most TOKENIZE_PIECE_CHARS, each cut just before whitespace if any."""
-    pieces, start = [], 0
-    while len(text) - start > TOKENIZE_PIECE_CHARS:
-        end = start + TOKENIZE_PIECE_CHARS
-        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
-        cut = cut if cut > start else end
-        pieces.append(text[start:cut])
-        start = cut
-    return pieces + [text[start:]]
-
-
-def _tokenize(docs: list[str], tokenizer: Any) -> tuple[list[torch.Tensor], int]:
-    """Each document's token ids followed by EOS (if the tokenizer has one), and the padding id."""
-    eos = tokenizer.eos_token_id
-    pad = next((i for i in (tokenizer.pad_token_id, eos) if i is not None), 0)
-    tail = torch.tensor([eos] if eos is not None else [], dtype=torch.long)
-    pieces = [(d, piece) for d, doc in enumerate(docs) for piece in _pieces(doc)]
-    parts: list[list[torch.Tensor]] = [[] for _ in docs]
-    start = 0
-    while start < len(pieces):  # calls of about TOKENIZE_BATCH_CHARS, kept as compact tensors in between
-        end, chars = start, 0
-        while end < len(pieces) and (end == start or chars + len(pieces[end][1]) <= TOKENIZE_BATCH_CHARS):
-            chars += len(pieces[end][1])
-            end += 1
-        # verbose=False: documents longer than the model's context are expected here (they are packed).
-        batch = tokenizer([p for _, p in pieces[start:end]], add_special_tokens=False, truncation=False,
-                          verbose=False)["input_ids"]
-        for (d, _), ids in zip(pieces[start:end], batch):
-            parts[d].append(torch.tensor(ids, dtype=torch.long))
-        start = end
-    return [torch.cat(p + [tail]) for p in parts], pad
-
-
 def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSettings, seed: int,
                       name: str, batch_size: int = 1) -> ClientData:
     """Tokenise, hold out about eval_fraction of the tokens as whole documents (seeded), pack into rows.
@@ -189,7 +80,7 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
     docs = [t for t in texts if t.strip()]
     if not docs:
         raise ConfigError(f"{name} has no text; use fewer clients (federation.num_clients) or more data")
-    ids, pad = _tokenize(docs, tokenizer)
+    ids, pad = tokenize_documents(docs, tokenizer)
     order = list(range(len(ids)))
     random.Random(seed).shuffle(order)
     # Hold out whole documents (in seeded order) worth eval_fraction of the tokens, skipping any that
@@ -208,8 +99,8 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
         stream = torch.cat([ids[i] for i in order])
         cut = round(len(stream) * (1 - settings.eval_fraction))
         train_stream, eval_stream = stream[:cut], stream[cut:]
-    train, train_mask = _pack(train_stream, settings.seq_len, pad)
-    held, held_mask = _pack(eval_stream, settings.seq_len, pad)
+    train, train_mask = pack_stream(train_stream, settings.seq_len, pad)
+    held, held_mask = pack_stream(eval_stream, settings.seq_len, pad)
     if len(train) < settings.min_train_sequences or len(held) < settings.min_eval_sequences:
         raise ConfigError(
             f"{name} has {len(train)} training and {len(held)} held-out sequences of dataset.seq_len="
@@ -226,8 +117,6 @@ def build_client_data(texts: list[str], tokenizer: Any, settings: DatasetSetting
             "use fewer clients (federation.num_clients), a lower dataset.seq_len, or more data")
     return ClientData(train, train_mask, held, held_mask)
 
-
-# ---------------------------------------------------------------- whole federation
 
 def _files_stamp(path: str) -> list[Any]:
     """Each data file's path, size and modification time, so edited data is not silently reused."""
@@ -333,9 +222,3 @@ def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,
                           "free disk space or point output_dir at a folder this user may write") from None
     print(f"[data] saved {n} clients' data to {out_dir}", flush=True)
     return summary
-
-
-def pack_texts(texts: list[str], tokenizer: Any, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of `texts` as packed rows (ids, mask): a held-out set used whole, such as a server's."""
-    ids, pad = _tokenize([t for t in texts if t.strip()], tokenizer)
-    return _pack(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long), seq_len, pad)
