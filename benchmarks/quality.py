@@ -28,6 +28,7 @@ from fedlm.plan import plan_privacy, planned_rounds
 from fedlm.privacy import epsilon_of, train_local_dp
 from fedlm.settings import RunSettings
 from fedlm.training import evaluate, perplexity, resolve_precision, train_local
+from server.record import read_metrics
 from simulations.launch import make_offline_safe, prepare, simulate
 from simulations.run import compose_settings
 
@@ -131,14 +132,24 @@ def local_only(c: Cell) -> dict:
     return {"ppl": ppl, "epsilon": max(eps)}
 
 
+def simulated(c: Cell, settings: RunSettings, folder: str) -> dict:
+    """The real simulation of `settings` in c.out/folder (a finished one there is reused: an interrupted benchmark
+    resumes), its final global adapter evaluated on every client."""
+    out = c.out / folder
+    finished = (out / "adapter").exists() and read_metrics(out)[-1]["round"] == settings.federation.rounds
+    if not finished:
+        shutil.rmtree(out / "privacy", ignore_errors=True)  # a re-run must not inherit spent budgets
+        simulate(settings)
+    rows = read_metrics(out)
+    c.reset()
+    set_peft_model_state_dict(c.model, load_file(out / "adapter" / "adapter_model.safetensors"))
+    return {"ppl": c.perplexities(), "epsilon": max((r.get("epsilon_max") or 0.0) for r in rows)}
+
+
 def federated(c: Cell) -> dict:
     """The real simulation; its final global adapter evaluated on every client."""
     log(f"{c.label}: federated (the real simulation, SecAgg+ off: it changes the sum by < 1e-6)")
-    shutil.rmtree(c.out / "federated" / "privacy", ignore_errors=True)  # a re-run must not inherit spent budgets
-    outcome = simulate(c.settings)
-    c.reset()
-    set_peft_model_state_dict(c.model, load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors"))
-    return {"ppl": c.perplexities(), "epsilon": max((r.get("epsilon_max") or 0.0) for r in outcome.rows)}
+    return simulated(c, c.settings, "federated")
 
 
 def distributed(c: Cell) -> dict | None:
@@ -151,11 +162,7 @@ def distributed(c: Cell) -> dict | None:
     settings = compose_settings(c.overrides + ["privacy=distributed_dp_sgd",
                                                f"privacy.target_epsilon={privacy.target_epsilon:g}"],
                                 str(c.out / "distributed"))
-    shutil.rmtree(c.out / "distributed" / "privacy", ignore_errors=True)
-    outcome = simulate(settings)
-    c.reset()
-    set_peft_model_state_dict(c.model, load_file(outcome.output_dir / "adapter" / "adapter_model.safetensors"))
-    return {"ppl": c.perplexities(), "epsilon": max((r.get("epsilon_max") or 0.0) for r in outcome.rows)}
+    return simulated(c, settings, "distributed")
 
 
 def centralised(c: Cell) -> dict:

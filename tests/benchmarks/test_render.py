@@ -33,6 +33,11 @@ def committed(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())["figures"]
 
 
+def fixture_quality() -> dict:
+    """Section 7's figures of 2026-12-02 (every row measured at no DP and epsilon 8): the verdict tests' numbers."""
+    return json.loads((Path(__file__).parent / "quality_2026-12-02.json").read_text())
+
+
 def test_committed_results_render_the_committed_benchmarks_md():
     # BENCHMARKS.md is never edited by hand: re-measure (or change the renderer) and re-render.
     text = (ROOT / "BENCHMARKS.md").read_text()
@@ -58,7 +63,7 @@ def test_secagg_verdict_follows_the_ratio_at_20_clients(tmp_path):
 
 
 def test_quality_gain_kept_is_computed_and_its_verdict_flips(tmp_path):
-    figures = copy.deepcopy(committed("quality"))
+    figures = fixture_quality()
     text = section(rendered(tmp_path, quality=figures), "7")
     # packages: (240.5 - 207.9) / (240.5 - 161.9) of the geomean, (363.3 - 251.8) / (363.3 - 182.4) of the mean
     assert "DP-SGD on each client at ε=8 keeps 41 % of the non-private federated gain over the base by the " \
@@ -81,7 +86,7 @@ def test_quality_gain_kept_is_computed_and_its_verdict_flips(tmp_path):
 
 
 def test_quality_federated_against_local_only_and_missing_cells(tmp_path):
-    figures = copy.deepcopy(committed("quality"))
+    figures = fixture_quality()
     cells = figures["datasets"][0]["cells"]
     cells["0"]["federated"].update(mean=100.0, geomean=100.0)
     text = section(rendered(tmp_path, quality=figures), "7")
