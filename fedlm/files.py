@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -26,6 +27,11 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.unlink(tmp)
         raise
     sync_folder(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write `value` as indented JSON, atomically (readers see the old file or the new one)."""
+    write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
 
 
 def sync_folder(folder: Path) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedlm.files import write_atomic
+from fedlm.files import write_json_atomic
 from fedlm.flower_process import answers_tls, flower_env, flower_executable, split_address
 from fedlm.settings import ConfigError, RunSettings
 from server.provision import authorized, supernode_statuses, sync_registrations, write_connection
@@ -166,8 +166,7 @@ def deploy(settings: RunSettings) -> RunOutcome:
     check_strategy(settings)
     load_tokenizer(settings.model, settings.cache_dir)  # builds `embedded` once, before any device asks for it
     check_model(settings.model, settings.lora, settings.dataset.seq_len, settings.cache_dir)  # no weights loaded
-    write_atomic(out_dir / "settings.json",  # a reader sees the old file or the new one, whole
-                 lambda f: f.write(json.dumps(json.loads(settings.to_json()), indent=2).encode()))
+    write_json_atomic(out_dir / "settings.json", json.loads(settings.to_json()))
     start = time.perf_counter()
     with superlink(settings) as home:
         ids = sync_registrations(Path(settings.deployment.pki_dir), home)

@@ -78,8 +78,9 @@ def prepare(settings: RunSettings) -> None:
     client. settings.json, written last and atomically, marks a run whose inputs all passed; the ServerApp
     then uses the prepared data as it is.
     """
-    from fedlm.data.preparation import prepare_federation, write_json_atomic
+    from fedlm.data.preparation import prepare_federation
     from fedlm.data.sources import load_corpus, load_texts
+    from fedlm.files import write_json_atomic
     from fedlm.model import check_model, load_tokenizer
     from strategies import check_strategy
 

@@ -20,7 +20,8 @@ def partition_corpus(corpus: datasets.Dataset, settings: DatasetSettings, num_cl
     Raises:
         ConfigError: if the partitioning column is unknown, or the data cannot give every client a share.
     """
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner  # see _read_hub
+    # Here, as in sources._read_hub: a deployed client never partitions, and every message is a new process.
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
     kind, by, n_docs = settings.resolved_partitioner(), settings.partition_by, len(corpus)
     if kind != "iid" and by not in corpus.column_names:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 from fedlm.data.packing import pack_stream, tokenize_documents
 from fedlm.data.partitioning import partition_corpus
 from fedlm.data.sources import load_corpus, load_texts, txt_files
-from fedlm.files import write_atomic
+from fedlm.files import write_atomic, write_json_atomic
 from fedlm.settings import AUTO, ConfigError, DatasetSettings, RunSettings
 
 FORMAT_VERSION = 1
@@ -156,11 +156,6 @@ def prepare_device_data(data_path: str, settings: RunSettings, tokenizer: Any, c
         stale.unlink()
     data.save(cached)
     return data
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write `value` as indented JSON, atomically (readers see the old file or the new one)."""
-    write_atomic(path, lambda handle: handle.write(json.dumps(value, indent=2).encode()))
 
 
 def prepare_federation(settings: RunSettings, tokenizer: Any, out_dir: Path,
