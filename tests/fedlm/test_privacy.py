@@ -247,10 +247,10 @@ def test_ledger_composes_rounds_exactly_across_restarts_and_processes(tmp_path):
     stored = json.loads(path.read_text())
     assert stored["version"] == 1 and stored["parameters"] == {
         "noise_multiplier": 1.0, "sample_rate": 0.25, "delta": 1e-5, "target_epsilon": 20.0, "accountant": "prv",
-        "sequences": 0, "planned_steps": 0, "planned_epsilon": 0.0}  # no plan: these parameters were given
+        "sequences": 0, "planned_steps": 0, "planned_epsilon": 0.0, "shares": 1}  # no plan: given parameters
     # A ledger written before plans existed (no plan figures) reads as it is.
     old = {**stored, "parameters": {k: v for k, v in stored["parameters"].items()
-                                    if k not in ("sequences", "planned_steps", "planned_epsilon")}}
+                                    if k not in ("sequences", "planned_steps", "planned_epsilon", "shares")}}
     path.write_text(json.dumps(old))
     assert PrivacyLedger(path).read().parameters == PARAMS
     assert [e["key"] for e in stored["history"]] == ["run:1", "run:2", "run:3"]
